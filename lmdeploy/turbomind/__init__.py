@@ -1,0 +1,1 @@
+"""TurboMind: the inference engine and its tokenizer."""
