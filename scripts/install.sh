@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs lmdeploy (editable, with the C++ core built by CMake) and its test dependencies into
+# the current Python environment. Keeps the torch that is already installed; on a machine
+# without torch it takes the CPU build (torch==2.13.0), never the multi-GB CUDA wheels.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+EXTRAS=${LMDEPLOY_EXTRAS:-test}
+
+if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
+    echo "[install] torch not found: installing the CPU build torch==2.13.0"
+    "$PYTHON" -m pip install -q torch==2.13.0
+fi
+torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')
+
+# Pin the installed torch so that no dependency swaps it for another build.
+constraints=$(mktemp)
+trap 'rm -f "$constraints"' EXIT
+grep -v '^torch==' requirements/constraints.txt > "$constraints"
+echo "torch==$torch_version" >> "$constraints"
+
+echo "[install] lmdeploy[$EXTRAS] (torch $torch_version kept)"
+"$PYTHON" -m pip install -q -c "$constraints" -e ".[$EXTRAS]"
+"$PYTHON" -c 'import lmdeploy, lmdeploy.turbomind._turbomind; print("[install] ok: lmdeploy", lmdeploy.__version__)'
