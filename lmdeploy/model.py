@@ -55,6 +55,27 @@ def get_template(name: str) -> 'BaseModel':
     return cls()
 
 
+def _single_token_id(tokenizer, text: str) -> Optional[int]:
+    """The id of the one vocabulary token spelled `text`, else None.
+
+    Asks the tokenizer by name (lmdeploy's `Tokenizer.token_id`, or HF's
+    `convert_tokens_to_ids`) rather than encoding: sentencepiece's dummy prefix makes
+    `encode('<|end|>')` two ids ('▁', '<|end|>') and HF's `encode` adds BOS by default.
+    """
+    token_id = getattr(tokenizer, 'token_id', None)
+    if callable(token_id):
+        return token_id(text)
+    convert = getattr(tokenizer, 'convert_tokens_to_ids', None)
+    if callable(convert):
+        idx = convert(text)
+        unk = getattr(tokenizer, 'unk_token_id', None)
+        if idx is None or (idx == unk and text != getattr(tokenizer, 'unk_token', None)):
+            return None
+        return idx
+    encoded = list(tokenizer.encode(text))
+    return encoded[0] if len(encoded) == 1 else None
+
+
 @MODELS.register_module(name='llama')
 class BaseModel:
     """Plain completion: the prompt is passed through unchanged (no BOS, no stop words)."""
@@ -85,9 +106,9 @@ class BaseModel:
             return list(self.stop_word_ids)
         ids = []
         for text in self.stop_word_texts:
-            encoded = tokenizer.encode(text)
-            if len(encoded) == 1:
-                ids.append(encoded[0])
+            idx = _single_token_id(tokenizer, text)
+            if idx is not None:
+                ids.append(idx)
         return ids or None
 
     def messages2prompt(self, messages: Sequence[dict]) -> str:
