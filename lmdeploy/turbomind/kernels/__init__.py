@@ -1,0 +1,80 @@
+"""Kernels of the data plane: one file per op; this module is the one place that picks the
+implementation for a device.
+
+Each op file defines ``<op>_ref``, a torch reference that runs anywhere, and may define
+``<op>_triton`` with the same signature (the GPU issue adds those). ``select(device)`` returns a
+`Kernels` object whose attributes are the chosen functions:
+
+    rms_norm(x, weight, eps, residual=None) -> out | (out, new_residual)
+    rotary_embedding(q, k, positions, rotary_dim, theta) -> (q, k)
+    store_kv(k, v, k_cache, v_cache, slot_mapping) -> None
+    paged_attention(q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, scale,
+                    max_q_len=0, max_kv_len=0) -> out
+    silu_and_mul(x) -> out
+
+Choice: the Triton version on CUDA when it exists and triton imports; the reference otherwise.
+``LMDEPLOY_KERNELS=reference`` (or ``select(device, impl='reference')``) forces the references,
+e.g. to check a Triton kernel against its reference inside the full model.
+"""
+import importlib
+import os
+from typing import Dict
+
+import torch
+
+OPS: Dict[str, str] = {  # op name -> module
+    'rms_norm': 'rms_norm',
+    'rotary_embedding': 'rotary',
+    'store_kv': 'store_kv',
+    'paged_attention': 'paged_attention',
+    'silu_and_mul': 'activation',
+}
+
+from .activation import silu_and_mul_ref  # noqa: E402
+from .paged_attention import paged_attention_ref  # noqa: E402
+from .rms_norm import rms_norm_ref  # noqa: E402
+from .rotary import rotary_embedding_ref  # noqa: E402
+from .store_kv import store_kv_ref  # noqa: E402
+
+
+class Kernels:
+    """The chosen implementation of every op; `impl[op]` says which ('ref' or 'triton')."""
+
+    def __init__(self, fns: Dict[str, object], impl: Dict[str, str]):
+        self.impl = impl
+        for name, fn in fns.items():
+            setattr(self, name, fn)
+
+    def __repr__(self):
+        return 'Kernels(' + ', '.join(f'{k}={v}' for k, v in self.impl.items()) + ')'
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+def select(device='cpu', impl: str = None) -> Kernels:
+    """Kernels for `device`; impl: 'auto' (default), 'reference' or 'triton'."""
+    device = torch.device(device)
+    impl = impl or os.environ.get('LMDEPLOY_KERNELS', 'auto')
+    if impl not in ('auto', 'reference', 'triton'):
+        raise ValueError(f"kernel impl must be auto|reference|triton, got {impl!r}")
+    want_triton = impl == 'triton' or (impl == 'auto' and device.type == 'cuda'
+                                       and _triton_available())
+    fns, chosen = {}, {}
+    for op, module in OPS.items():
+        mod = importlib.import_module(f'{__name__}.{module}')
+        fn = getattr(mod, f'{op}_triton', None) if want_triton else None
+        if fn is None and impl == 'triton':
+            raise RuntimeError(f'no Triton implementation of {op} (kernels/{module}.py)')
+        fns[op] = fn if fn is not None else getattr(mod, f'{op}_ref')
+        chosen[op] = 'triton' if fn is not None else 'ref'
+    return Kernels(fns, chosen)
+
+
+__all__ = ['OPS', 'Kernels', 'select', 'rms_norm_ref', 'rotary_embedding_ref', 'store_kv_ref',
+           'paged_attention_ref', 'silu_and_mul_ref']

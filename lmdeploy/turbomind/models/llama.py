@@ -1,0 +1,92 @@
+"""The Llama-family forward over one flat step (see step_input.py), from workspace weights.
+
+    h = embed(input_ids)                                   [T, H]
+    per layer:
+        x, h  = rms_norm(h, attention_norm, residual)     (fused residual add from layer 2 on)
+        qkv   = x @ w_qkv (+ b_qkv)                        [T, (hq + 2 hkv) D], this rank's heads
+        q, k  = rotary_embedding(q, k, positions)          interleaved pairs, theta, rotary_dim
+        store_kv(k, v -> pool[layer], slot_mapping)
+        o     = paged_attention(q, pool[layer], ...)       [T, hq, D]
+        h'    = all_reduce(o @ wo) (+ b_o)                 b_o added once, after the reduce
+        x, h  = rms_norm(h', ffn_norm, residual=h)
+        h'    = all_reduce(silu_and_mul(x @ w13) @ w2)
+    x = rms_norm(h' + h, norm)[sample_idx]
+    logits = all_gather(x @ output.T)  fp32              [S, V]
+
+Tensor parallel: `weights` holds one rank's heads/FFN slice; `all_reduce(x)` (sum over ranks,
+in place or returning the result) and `all_gather(logits)` default to identities, which is
+exact for tp=1. The LM head is computed whole on every rank for now (the tp issue may split
+it by vocabulary as v0.0.2 did).
+"""
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..config import EngineConfig
+from ..kv_cache import KVCache
+from ..step_input import StepInput
+from ..weights import ModelWeights
+
+
+def _identity(x):
+    return x
+
+
+class LlamaModel:
+
+    def __init__(self, cfg: EngineConfig, weights: ModelWeights, kernels,
+                 all_reduce: Optional[Callable] = None, all_gather: Optional[Callable] = None):
+        self.cfg = cfg
+        self.w = weights
+        self.k = kernels
+        tp = weights.tp
+        self.hq = cfg.head_num // tp
+        self.hkv = cfg.kv_head_num // tp
+        self.head_dim = cfg.size_per_head
+        self.scale = self.head_dim ** -0.5
+        self.rotary_dim = cfg.rotary_embedding
+        self.theta = cfg.rope_theta
+        self.eps = cfg.norm_eps
+        self.all_reduce = all_reduce or _identity
+        self.all_gather = all_gather or _identity
+
+    def _reduce(self, x):
+        out = self.all_reduce(x)
+        return x if out is None else out
+
+    def forward(self, step: StepInput, kv: KVCache) -> torch.Tensor:
+        k, w = self.k, self.w
+        D, hq, hkv = self.head_dim, self.hq, self.hkv
+        T = step.num_tokens
+        h = F.embedding(step.input_ids, w.tok_embeddings)
+        residual = None
+        for i, lw in enumerate(w.layers):
+            if residual is None:
+                residual = h
+                x = k.rms_norm(h, lw.attention_norm, self.eps)
+            else:
+                x, residual = k.rms_norm(h, lw.attention_norm, self.eps, residual)
+            qkv = x @ lw.w_qkv
+            if lw.b_qkv is not None:
+                qkv = qkv + lw.b_qkv
+            q, kk, v = qkv.split([hq * D, hkv * D, hkv * D], dim=-1)
+            q = q.reshape(T, hq, D)
+            kk = kk.reshape(T, hkv, D)
+            v = v.reshape(T, hkv, D)
+            q, kk = k.rotary_embedding(q, kk, step.positions, self.rotary_dim, self.theta)
+            k_cache, v_cache = kv.layer(i)
+            k.store_kv(kk, v, k_cache, v_cache, step.slot_mapping)
+            o = k.paged_attention(q, k_cache, v_cache, step.block_table, step.cu_seqlens,
+                                  step.kv_lens, self.scale, step.max_q_len, step.max_kv_len)
+            h = self._reduce(o.reshape(T, hq * D) @ lw.wo)
+            if lw.b_o is not None:
+                h = h + lw.b_o
+            x, residual = k.rms_norm(h, lw.ffn_norm, self.eps, residual)
+            h = self._reduce(k.silu_and_mul(x @ lw.w13) @ lw.w2)
+        h = (h + residual).index_select(0, step.sample_idx)
+        x = k.rms_norm(h, w.norm, self.eps)
+        logits = F.linear(x, w.output).float()
+        return self.all_gather(logits)
+
+    __call__ = forward
