@@ -1,0 +1,637 @@
+"""Scheduler (C++, lmdeploy.turbomind._turbomind) against a pure-Python model of the sessions.
+
+A fake sampler makes every sampled token a deterministic function of (session id, position), so
+a request's output does not depend on batching, chunking, eviction or preemption, and the
+model can predict every token, every stop and every session history. After every step the
+harness checks the plan contract (rows, positions, block table, slot mapping, decode rows
+first, token budget), that each position's K/V is written exactly once since it was last
+invalidated and with the session's token at that position, the events, every session's
+history, and the scheduler's invariants.
+"""
+import random
+
+import numpy as np
+import pytest
+
+try:
+    from lmdeploy.turbomind import _turbomind
+except ImportError as e:  # fail loudly, never skip
+    raise ImportError('cannot import lmdeploy.turbomind._turbomind: build the extension with '
+                      '`python setup.py build_ext --inplace` first') from e
+
+Scheduler = _turbomind.Scheduler
+OK, INVALID, CONFLICT, BUSY, INACTIVE = 0, 1, 2, 3, 4
+TOO_LONG, NO_CAPACITY = 6, 7
+
+VOCAB = 50
+END_ID = 2
+START_ID = 1
+
+
+def fake_token(sid, pos):
+    """The token 'sampled' for position `pos` of session `sid` (2 = end_id now and then)."""
+    return (sid * 1000003 + pos * 7919 + (pos * pos) % 13 + 12345) % VOCAB
+
+
+class Req:
+
+    def __init__(self, handle, sid, context, out_len, end, end_id, stop_words, ignore_eos, session_len,
+                 logits_all):
+        self.handle, self.sid, self.context = handle, sid, list(context)
+        self.out_len, self.end, self.end_id = out_len, end, end_id
+        self.stop_words, self.ignore_eos = set(stop_words), ignore_eos
+        self.limit = min(len(context) + out_len, session_len - 1) if out_len > 0 else len(context)
+        self.generated = []
+        self.logits_all = logits_all
+        self.logit_positions = []
+        self.finished = None  # finish reason
+        self.cancel_end = False
+
+    @property
+    def tokens(self):
+        return self.context + self.generated
+
+
+class Harness:
+    """Drives a Scheduler and checks it against a model after every call."""
+
+    def __init__(self, num_blocks=64, block_size=4, max_batch_size=8, max_prefill_tokens=16, session_len=96,
+                 chunked_prefill=True, check_every_step=True):
+        self.s = Scheduler(num_blocks, block_size, max_batch_size, max_prefill_tokens, session_len, VOCAB,
+                           start_id=START_ID, end_id=END_ID, chunked_prefill=chunked_prefill)
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.max_batch_size, self.budget = max_batch_size, max_prefill_tokens
+        self.session_len, self.chunked = session_len, chunked_prefill
+        self.sessions = {}  # sid -> token history (as of the last finished request)
+        self.shadow = {}  # sid -> token ids whose K/V the plans wrote, position by position
+        self.active = {}  # sid -> Req (submitted, not finished)
+        self.reqs = {}  # handle -> Req, all accepted requests
+        self.stop_handles = {}  # handle of a stop request -> expected code
+        self.rejected = {}  # handle -> expected code
+        self.done = {}  # handle -> Req, finished
+        self.check = check_every_step
+        self.steps = 0
+
+    # ---- requests -------------------------------------------------------------------------
+    def expected_code(self, sid, ids, out_len, start, step):
+        if out_len < 0 or any(not 0 <= t < VOCAB for t in ids):
+            return INVALID
+        if sid in self.active:
+            state = self.s.request_state(self.active[sid].handle)
+            return BUSY if state in ('running', 'preempted') else CONFLICT
+        if not start and sid not in self.sessions:
+            return INVALID
+        if start and not ids:
+            return INVALID
+        history = 0 if start else len(self.sessions[sid])
+        if not start and 0 <= step <= history:
+            history = step
+        context = max(1, history + len(ids))
+        if context > self.session_len - 1 - (1 if out_len > 0 else 0):
+            return TOO_LONG
+        limit = min(context + out_len, self.session_len - 1) if out_len > 0 else context
+        kv_max = limit - 1 if out_len > 0 else context
+        if -(-kv_max // self.block_size) > self.num_blocks:
+            return NO_CAPACITY
+        return OK
+
+    def submit(self, sid, ids, out_len=16, start=True, end=False, step=-1, stop_words=(), ignore_eos=False,
+               end_id=-1, logits_all=False):
+        code = self.expected_code(sid, ids, out_len, start, step)
+        before = self.s.session_info(sid)
+        h = self.s.submit(sid, ids, request_output_len=out_len, sequence_start=start, sequence_end=end, step=step,
+                          end_id=end_id, stop_words=list(stop_words), ignore_eos=ignore_eos, logits_all=logits_all)
+        assert self.s.last_code == code, (self.s.last_code, code, self.s.last_message)
+        assert self.s.session_info(sid) == before  # nothing changes until admission
+        if code != OK:
+            assert self.s.last_message
+            self.rejected[h] = code
+            return h, code
+        if start:
+            context = list(ids)
+        else:
+            hist = self.sessions[sid]
+            context = hist[:step] if 0 <= step <= len(hist) else list(hist)
+            context += list(ids)
+        input_len = len(ids)
+        if not context:
+            context, input_len = [START_ID], 1
+        r = Req(h, sid, context, out_len, end, END_ID if end_id < 0 else end_id, stop_words, ignore_eos,
+                self.session_len, logits_all)
+        r.input_len = input_len
+        self.active[sid] = r
+        self.reqs[h] = r
+        return h, code
+
+    def cancel(self, sid, end=False, via_submit=False):
+        r = self.active.get(sid)
+        if r is not None and self.s.request_state(r.handle) == 'finished':
+            return None  # finished at admission this step (nothing to compute); event pending
+        expected = OK if (r is not None or end) else INACTIVE
+        admitted = r is not None and self.s.request_state(r.handle) != 'waiting'
+        if via_submit:
+            h = self.s.submit(sid, [], sequence_start=False, sequence_end=end, stop=True)
+            code = self.s.last_code
+            if code == OK:
+                self.stop_handles[h] = OK
+            else:
+                self.rejected[h] = code
+        else:
+            code = self.s.cancel(sid, end)
+        assert code == expected, (code, expected)
+        if code != OK:
+            return code
+        if r is None:  # END for an idle (or unknown) session: erased at once
+            self.sessions.pop(sid, None)
+            self.shadow.pop(sid, None)
+        else:
+            r.cancel_end = r.cancel_end or end
+            r.cancel_admitted = admitted
+            in_flight = self.s.plan_outstanding and r.handle in self.s.plan.row_handles.tolist()
+            if not in_flight:  # finished at once; the event comes with the next update()
+                self.finish(r, 'cancel')
+                r.event_pending = True
+        return code
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self, rng=None):
+        plan = self.s.schedule()
+        self.steps += 1
+        tokens = self.check_plan(plan)
+        if rng is not None and rng.random() < 0.05 and self.active:  # cancel mid-step
+            self.cancel(rng.choice(sorted(self.active)), end=rng.random() < 0.3, via_submit=rng.random() < 0.5)
+        events = self.s.update(np.asarray(tokens, dtype=np.int32))
+        self.apply_events(events)
+        if self.check:
+            self.check_state()
+        return plan
+
+    def check_plan(self, plan):
+        B, T, bs = plan.batch_size, plan.num_tokens, self.block_size
+        cu, kv = plan.cu_seqlens.tolist(), plan.kv_lens.tolist()
+        ids, pos, slots = plan.input_ids.tolist(), plan.positions.tolist(), plan.slot_mapping.tolist()
+        table = plan.block_table
+        rows = plan.row_handles.tolist()
+        assert len(cu) == B + 1 and cu[0] == 0 and cu[-1] == T
+        assert B <= self.max_batch_size
+        assert len(set(rows)) == B
+        q = [cu[b + 1] - cu[b] for b in range(B)]
+        assert all(n >= 1 for n in q)
+        assert all(q[b] == 1 for b in range(plan.num_decode)), 'decode rows must come first'
+        prefill_tokens = T - plan.num_decode
+        if self.chunked:
+            assert prefill_tokens <= self.budget
+        elif B > plan.num_decode:
+            assert prefill_tokens <= self.budget or B - plan.num_decode == 1
+        assert plan.max_q_len == max(q, default=0) and plan.max_kv_len == max(kv, default=0)
+        sample_idx, sample_h = plan.sample_idx.tolist(), plan.sample_handles.tolist()
+        logits_idx, logits_h = plan.logits_idx.tolist(), plan.logits_handles.tolist()
+        expect_samples = []
+        for b in range(B):
+            r = self.reqs[rows[b]]
+            info = self.s.session_info(r.sid)
+            assert info is not None and info['status'] == 'active'
+            toks = info['tokens']
+            assert toks == r.tokens
+            start = kv[b] - q[b]
+            # K/V exactly once since its last invalidation: the row starts where the cache ends
+            sh = self.shadow.setdefault(r.sid, [])
+            assert info['num_cached'] <= len(sh), 'cached length claims K/V that was never written'
+            del sh[info['num_cached']:]
+            assert sh == toks[:len(sh)], 'cached K/V no longer matches the tokens'
+            assert start == len(sh), (start, len(sh))
+            assert ids[cu[b]:cu[b + 1]] == toks[start:kv[b]]
+            assert pos[cu[b]:cu[b + 1]] == list(range(start, kv[b]))
+            sh.extend(toks[start:kv[b]])
+            nb = -(-kv[b] // bs)
+            assert info['blocks'][:nb] == table[b, :nb].tolist() and len(info['blocks']) == nb
+            assert (table[b, nb:] == -1).all()
+            for i in range(q[b]):
+                p = start + i
+                assert slots[cu[b] + i] == table[b, p // bs] * bs + p % bs
+            if kv[b] == len(toks) and r.out_len > 0:
+                expect_samples.append((cu[b + 1] - 1, r.handle))
+            if r.logits_all:
+                mine = [(i, h) for i, h in zip(logits_idx, logits_h) if h == r.handle]
+                r.logit_positions.extend(pos[i] for i, _ in mine)
+        assert list(zip(sample_idx, sample_h)) == expect_samples
+        assert all(h in set(rows) for h in logits_h)
+        # the fake sampler
+        tokens = []
+        for i, h in zip(sample_idx, sample_h):
+            tokens.append(fake_token(self.reqs[h].sid, pos[i] + 1))
+        return tokens
+
+    def apply_events(self, events):
+        lst = events.to_list()
+        assert len(lst) == len(events) == len(events.handles)
+        assert events.offsets[-1] == len(events.tokens) if len(events) else True
+        seen = set()
+        for h, toks, finished, reason, code, msg in lst:
+            assert h not in seen, 'one event per request per update'
+            seen.add(h)
+            if h in self.rejected:
+                assert finished and reason == 'error' and code == self.rejected.pop(h) and msg
+                continue
+            if h in self.stop_handles:
+                assert finished and reason == 'cancel' and code == 0 and not toks
+                del self.stop_handles[h]
+                continue
+            r = self.reqs[h]
+            assert (r.finished is None or getattr(r, 'event_pending', False)) and code == 0
+            for t in toks:
+                assert t == fake_token(r.sid, len(r.tokens))
+                r.generated.append(t)
+            expect = ''
+            if toks:
+                t = toks[-1]
+                if (t == r.end_id and not r.ignore_eos) or t in r.stop_words:
+                    expect = 'stop'
+                elif len(r.tokens) >= r.limit:
+                    expect = 'length'
+            elif r.out_len == 0 and reason == 'length':
+                expect = 'length'
+            if reason == 'cancel':
+                assert not toks
+                expect = 'cancel'
+            assert reason == expect, (reason, expect, r.tokens, r.limit)
+            assert finished == bool(reason)
+            if finished:
+                if getattr(r, 'event_pending', False):
+                    assert reason == 'cancel' and r.finished == 'cancel'
+                    r.event_pending = False
+                    continue
+                self.finish(r, reason)
+        # A stop request's own event comes at once (the next update).
+        assert not self.stop_handles
+        assert not self.rejected
+
+    def finish(self, r, reason):
+        r.finished = reason
+        del self.active[r.sid]
+        self.done[r.handle] = r
+        if r.out_len > 0 and reason in ('stop', 'length'):
+            assert len(r.generated) >= 1
+        if r.logits_all and reason != 'cancel':
+            first = len(r.context) - r.input_len
+            assert r.logit_positions == list(range(first, len(r.context)))
+        admitted = reason != 'cancel' or getattr(r, 'cancel_admitted', True)
+        # a queued request that never ran is removed; its own END does not apply
+        if (r.end and admitted) or r.cancel_end:
+            self.sessions.pop(r.sid, None)
+            self.shadow.pop(r.sid, None)
+        elif admitted:
+            self.sessions[r.sid] = r.tokens
+
+    def check_state(self):
+        s = self.s
+        s.check_invariants()
+        assert sorted(s.session_ids()) == sorted(set(self.sessions) | {
+            sid for sid, r in self.active.items() if s.request_state(r.handle) != 'waiting'})
+        for sid in s.session_ids():
+            info = s.session_info(sid)
+            r = self.active.get(sid)
+            if r is not None and s.request_state(r.handle) != 'waiting':
+                assert info['tokens'] == r.tokens
+                assert info['status'] == 'active'
+            else:
+                assert info['tokens'] == self.sessions[sid]
+                assert info['status'] == 'idle'
+            assert info['num_cached'] <= len(info['tokens'])
+            assert len(info['blocks']) == -(-info['num_cached'] // self.block_size)
+            sh = self.shadow.get(sid, [])
+            assert info['num_cached'] <= len(sh) and sh[:info['num_cached']] == info['tokens'][:info['num_cached']]
+        assert s.num_running() <= self.max_batch_size
+        assert s.num_running() + s.num_waiting() == len(self.active)
+
+    def run_until_idle(self, max_steps=10000, rng=None):
+        for _ in range(max_steps):
+            if not self.active:
+                return
+            self.step(rng)
+        raise AssertionError('requests did not complete')
+
+
+def submit_tracking_input(h, *args, **kwargs):
+    return h.submit(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deterministic tests
+
+
+def test_basic_generation_and_history():
+    h = Harness()
+    hd, code = h.submit(7, [5, 6, 7, 8, 9], out_len=6, end_id=-1)
+    assert code == OK
+    h.run_until_idle()
+    r = h.done[hd]
+    assert r.finished in ('stop', 'length')
+    info = h.s.session_info(7)
+    assert info['tokens'] == r.tokens and info['status'] == 'idle'
+    # the last generated token has no K/V yet
+    assert info['num_cached'] == len(r.tokens) - 1
+    # next turn: only that token plus the new input are prefilled
+    hd2, code = h.submit(7, [11, 12], out_len=3, start=False, step=len(r.tokens))
+    plan = h.step()
+    assert plan.kv_lens.tolist() == [len(r.tokens) + 2]
+    assert plan.positions.tolist() == list(range(len(r.tokens) - 1, len(r.tokens) + 2))
+    h.run_until_idle()
+
+
+def test_validation_codes():
+    h = Harness(num_blocks=12, block_size=4, session_len=64)
+    assert h.submit(1, [3, 4], start=False)[1] == INVALID  # START=0, unknown id
+    assert h.submit(1, [])[1] == INVALID  # empty input on a new session
+    assert h.submit(1, [3, VOCAB])[1] == INVALID  # outside the vocabulary
+    assert h.submit(1, [3, -1])[1] == INVALID
+    assert h.submit(1, [3], out_len=-1)[1] == INVALID
+    assert h.submit(1, [3] * 63, out_len=1)[1] == TOO_LONG  # no room for one generated token
+    assert h.submit(1, [3] * 62, out_len=0)[1] == NO_CAPACITY  # fits session_len, not the pool
+    assert h.submit(1, [3] * 30, out_len=100)[1] == NO_CAPACITY  # 12 blocks of 4 = 48 tokens
+    code = h.s.submit(1, [3], sequence_start=True, stop=True)
+    assert h.s.last_code == INVALID and 'START' in h.s.last_message  # START with STOP
+    h.rejected[code] = INVALID
+    assert h.cancel(1) == INACTIVE  # stop, END=0, nothing running
+    assert h.cancel(1, via_submit=True) == INACTIVE
+    # rejections are events of the next update, with messages
+    ev = h.s.update().to_list()
+    assert [e[4] for e in ev] == [INVALID] * 5 + [TOO_LONG, NO_CAPACITY, NO_CAPACITY, INVALID, INACTIVE]
+    assert all(e[2] and e[3] == 'error' and e[5] for e in ev)
+    h.rejected.clear()
+    # conflict: queued twice; busy: generating
+    h1, code = h.submit(2, [3, 4, 5], out_len=4)
+    assert code == OK
+    assert h.submit(2, [6], start=False)[1] == CONFLICT
+    h.step()
+    assert h.s.request_state(h1) == 'running'
+    assert h.submit(2, [6], start=False)[1] == BUSY
+    assert h.submit(2, [6], start=True)[1] == BUSY
+    h.run_until_idle()
+    # too long counts the history after `step` truncation
+    hist = len(h.sessions[2])
+    assert h.submit(2, [3] * (63 - hist), out_len=4, start=False)[1] == TOO_LONG
+    assert h.submit(2, [3] * 5, out_len=4, start=False, step=0)[1] == OK
+    h.run_until_idle()
+    # the session survived all the rejections intact
+    h.check_state()
+
+
+def test_step_truncation_and_invalid_step_warning():
+    h = Harness()
+    h.submit(3, [5, 6, 7, 8, 9, 10, 11], out_len=4, stop_words=[])
+    h.run_until_idle()
+    hist = h.sessions[3]
+    h.s.take_warnings()
+    # rewind to 4 tokens: cached length drops to 4, blocks past it are freed
+    h.submit(3, [20, 21], out_len=2, start=False, step=4)
+    plan = h.step()
+    assert plan.positions.tolist()[0] == 4 and h.s.session_info(3)['tokens'][:6] == hist[:4] + [20, 21]
+    h.run_until_idle()
+    # a step larger than the history is ignored with a warning
+    n = len(h.sessions[3])
+    h.submit(3, [22], out_len=2, start=False, step=n + 5)
+    h.step()
+    assert any('Skipping invalid step' in w for w in h.s.take_warnings())
+    h.run_until_idle()
+    assert h.sessions[3][:n + 1] == h.reqs[max(h.reqs)].context
+
+
+def test_start_replaces_session_with_warning():
+    h = Harness()
+    h.submit(4, [5, 6, 7], out_len=3)
+    h.run_until_idle()
+    h.s.take_warnings()
+    h.submit(4, [8, 9], out_len=3, start=True)
+    h.run_until_idle()
+    assert any('conflicting' in w for w in h.s.take_warnings())
+    assert h.sessions[4][:2] == [8, 9]
+
+
+def test_end_erases_and_start_id_for_empty_history():
+    h = Harness()
+    h.submit(5, [5, 6, 7], out_len=3)
+    h.run_until_idle()
+    # rewind to nothing, no input: start_id is inserted
+    h.submit(5, [], out_len=3, start=False, step=0)
+    plan = h.step()
+    assert plan.input_ids.tolist() == [START_ID]
+    h.run_until_idle()
+    h.submit(5, [], out_len=2, start=False, end=True, step=len(h.sessions[5]))
+    h.run_until_idle()
+    assert h.s.session_info(5) is None and h.s.num_free_blocks() == h.num_blocks
+
+
+def test_stop_token_is_part_of_output_and_history():
+    h = Harness()
+    # find a prompt whose first sampled token is end_id
+    sid = next(s for s in range(1000) if fake_token(s, 3) == END_ID)
+    hd, _ = h.submit(sid, [5, 6, 7], out_len=10)
+    h.run_until_idle()
+    assert h.done[hd].finished == 'stop' and h.done[hd].generated == [END_ID]
+    assert h.s.session_info(sid)['tokens'] == [5, 6, 7, END_ID]
+    # ignore_eos runs on to the length limit
+    hd, _ = h.submit(sid, [5, 6, 7], out_len=5, ignore_eos=True)
+    h.run_until_idle()
+    assert h.done[hd].finished == 'length' and len(h.done[hd].generated) == 5
+    # a stop word stops too
+    word = fake_token(sid, 4)
+    hd, _ = h.submit(sid, [5, 6, 7], out_len=5, ignore_eos=True, stop_words=[word])
+    h.run_until_idle()
+    assert h.done[hd].finished == 'stop' and h.done[hd].generated[-1] == word
+
+
+def test_output_len_clamped_to_session_len():
+    h = Harness(session_len=32, num_blocks=64)
+    sid = next(s for s in range(1000) if all(fake_token(s, p) != END_ID for p in range(10, 40)))
+    hd, _ = h.submit(sid, list(range(3, 13)), out_len=1000)
+    h.run_until_idle()
+    assert h.done[hd].finished == 'length' and len(h.done[hd].tokens) == 31
+
+
+def test_prefill_only_then_generate_refeeds_last_token():
+    h = Harness()
+    hd, _ = h.submit(6, [5, 6, 7, 8, 9, 10], out_len=0)
+    h.run_until_idle()
+    assert h.done[hd].finished == 'length' and not h.done[hd].generated
+    info = h.s.session_info(6)
+    assert info['num_cached'] == 6
+    h.submit(6, [], out_len=3, start=False, step=6)
+    plan = h.step()
+    assert plan.positions.tolist() == [5] and plan.num_decode == 1
+    h.run_until_idle()
+
+
+def test_logits_all_decode_style():
+    h = Harness(max_prefill_tokens=5)
+    hd, _ = submit_tracking_input(h, 8, list(range(3, 20)), out_len=0, end=True, logits_all=True)
+    h.run_until_idle()
+    r = h.done[hd]
+    assert r.logit_positions == list(range(17)) and h.s.session_info(8) is None
+
+
+def test_chunked_prefill_budget_and_decode_first():
+    h = Harness(max_prefill_tokens=6, num_blocks=200, session_len=120)
+    sid = next(s for s in range(1000) if all(fake_token(s, p) != END_ID for p in range(3, 30)))
+    h.submit(sid, [5, 6, 7], out_len=20)
+    h.step()
+    h.step()
+    long_sid = sid + 1
+    h.submit(long_sid, [9] * 40, out_len=2)
+    chunks = []
+    for _ in range(8):
+        plan = h.step()
+        q = np.diff(plan.cu_seqlens)
+        assert plan.num_decode >= 1 and q[0] == 1  # the decoding session keeps going
+        if plan.batch_size > plan.num_decode:
+            chunks.append(int(q[plan.num_decode]))
+            assert plan.num_prefill_tokens <= 6
+    assert sum(chunks[:7]) >= 40 and chunks[:6] == [6] * 6
+    h.run_until_idle()
+
+
+@pytest.mark.parametrize('chunked', [True, False])
+def test_chunked_and_whole_prefill_give_same_tokens(chunked):
+    outs = {}
+    for chunked_prefill in (True, chunked):
+        h = Harness(max_prefill_tokens=7, chunked_prefill=chunked_prefill, num_blocks=400, session_len=200)
+        hs = [h.submit(sid, [3 + sid % 40] * (5 + 9 * sid % 60), out_len=12)[0] for sid in range(10)]
+        h.run_until_idle()
+        outs[chunked_prefill] = [h.done[x].generated for x in hs]
+    assert outs[True] == outs[chunked]
+
+
+def test_eviction_lru_and_transparent_reprefill():
+    h = Harness(num_blocks=12, block_size=4, session_len=40, max_prefill_tokens=32)
+    a, _ = h.submit(1, [5] * 10, out_len=3, ignore_eos=True)
+    h.run_until_idle()
+    b, _ = h.submit(2, [6] * 10, out_len=3, ignore_eos=True)
+    h.run_until_idle()
+    assert h.s.session_info(1)['num_cached'] > 0 and h.s.session_info(2)['num_cached'] > 0
+    # session 3 needs most of the pool: session 1 (least recently used) goes first
+    h.submit(3, [7] * 30, out_len=2, ignore_eos=True)
+    h.step()
+    assert h.s.session_info(1)['num_cached'] == 0 and h.s.num_evictions() >= 1
+    assert h.s.session_info(1)['tokens'] == h.sessions[1]  # tokens stay
+    h.run_until_idle()
+    # session 1's next turn re-prefills its whole history
+    n = len(h.sessions[1])
+    h.submit(1, [8, 9], out_len=3, start=False, step=n, ignore_eos=True)
+    plan = h.step()
+    row = plan.row_handles.tolist().index(max(h.reqs))
+    assert plan.positions[plan.cu_seqlens[row]] == 0
+    h.run_until_idle()
+    assert h.sessions[1][:n] == h.done[a].tokens
+
+
+def test_cancel_running_waiting_and_end():
+    h = Harness(max_batch_size=1)
+    sid = next(s for s in range(1000) if all(fake_token(s, p) != END_ID for p in range(3, 40)))
+    h1, _ = h.submit(sid, [5, 6, 7], out_len=30)
+    h2, _ = h.submit(sid + 1, [5, 6, 7], out_len=30)
+    h.step()
+    h.step()
+    assert h.s.request_state(h1) == 'running' and h.s.request_state(h2) == 'waiting'
+    assert h.cancel(sid + 1) == OK  # queued: removed, session untouched (never created)
+    assert h.cancel(sid) == OK  # running, not in a plan: finished at once, cache kept
+    h.apply_events(h.s.update())
+    assert h.done[h1].finished == 'cancel' and h.done[h2].finished == 'cancel'
+    assert h.s.session_info(sid)['tokens'] == h.done[h1].tokens and h.s.session_info(sid + 1) is None
+    h.check_state()
+    # cancel while its step is in flight, with END: erased after the step
+    h3, _ = h.submit(sid, [8], out_len=30, start=False, step=len(h.sessions[sid]))
+    h.step()
+    h.s.schedule()
+    assert h.s.cancel(sid, True) == OK
+    h.reqs[h3].cancel_end = True
+    ev = h.s.update(np.zeros(1, np.int32)).to_list()
+    assert ev[0][0] == h3 and ev[0][3] == 'cancel' and not ev[0][1]
+    assert h.s.session_info(sid) is None and h.s.num_free_blocks() == h.num_blocks
+    h.s.check_invariants()
+
+
+def test_update_protocol_errors_change_nothing():
+    h = Harness()
+    h.submit(1, [5, 6, 7], out_len=4)
+    plan = h.s.schedule()
+    with pytest.raises(RuntimeError):
+        h.s.schedule()
+    with pytest.raises(ValueError):
+        h.s.update(np.zeros(plan.num_samples + 1, np.int32))
+    with pytest.raises(ValueError):
+        h.s.update(np.full(plan.num_samples, VOCAB, np.int32))
+    h.s.discard_plan()
+    h.s.check_invariants()
+    assert h.s.session_info(1)['num_cached'] == 0
+    h.run_until_idle()
+
+
+def test_preemption_gives_same_tokens_as_big_pool():
+    def run(num_blocks):
+        h = Harness(num_blocks=num_blocks, block_size=4, max_batch_size=8, max_prefill_tokens=12, session_len=64)
+        hs = []
+        for sid in range(16):
+            hs.append(h.submit(sid, [3 + sid] * (4 + 3 * sid % 20), out_len=30, ignore_eos=sid % 3 == 0)[0])
+        h.run_until_idle()
+        return [h.done[x].generated for x in hs], h.s.num_preemptions()
+
+    big, p_big = run(400)
+    small, p_small = run(16)  # 64 tokens: barely one long request
+    assert p_big == 0 and p_small > 0
+    assert small == big
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomized streams
+
+
+def random_stream(seed, num_ops, num_blocks, max_batch_size, budget, chunked=True, session_len=64):
+    rng = random.Random(seed)
+    h = Harness(num_blocks=num_blocks, block_size=4, max_batch_size=max_batch_size, max_prefill_tokens=budget,
+                session_len=session_len, chunked_prefill=chunked)
+    ids_pool = list(range(12))
+    for _ in range(num_ops):
+        op = rng.random()
+        sid = rng.choice(ids_pool)
+        n_in = rng.choice([0, 1, 2, 5, 9, 17, 30])
+        ids = [rng.randrange(3, VOCAB) for _ in range(n_in)]
+        out_len = rng.choice([0, 1, 3, 8, 20, 40])
+        stop_words = rng.sample(range(3, VOCAB), rng.randint(0, 2))
+        if op < 0.25:  # start a session (may replace one; conflicts/busy when active)
+            submit_tracking_input(h, sid, ids or [4], out_len=out_len, start=True, end=rng.random() < 0.1,
+                                  stop_words=stop_words, ignore_eos=rng.random() < 0.2,
+                                  logits_all=rng.random() < 0.1)
+        elif op < 0.55:  # continue, with a step from the client (sometimes stale or too large)
+            hist = len(h.sessions.get(sid, []))
+            step = rng.choice([hist, hist, hist, -1, rng.randint(0, max(hist, 0)), hist + 3])
+            submit_tracking_input(h, sid, ids, out_len=out_len, start=False, step=step,
+                                  end=rng.random() < 0.15, stop_words=stop_words)
+        elif op < 0.6:  # malformed
+            bad = rng.choice([[VOCAB], [-3], [5] * session_len])
+            submit_tracking_input(h, sid, bad, out_len=out_len, start=rng.random() < 0.5)
+        elif op < 0.66:
+            h.cancel(sid, end=rng.random() < 0.3, via_submit=rng.random() < 0.5)
+        else:
+            for _ in range(rng.randint(1, 3)):
+                h.step(rng)
+    h.run_until_idle(rng=rng)
+    h.check_state()
+    return h
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_random_stream_roomy_pool(seed):
+    h = random_stream(seed, 2500, num_blocks=256, max_batch_size=6, budget=16)
+    assert h.steps > 500
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_random_stream_tiny_pool_forces_eviction_and_preemption(seed):
+    h = random_stream(100 + seed, 2500, num_blocks=16, max_batch_size=6, budget=10)
+    assert h.s.num_evictions() > 0
+    assert h.s.num_preemptions() > 0
+
+
+@pytest.mark.parametrize('seed', range(2))
+def test_random_stream_whole_prefill(seed):
+    random_stream(200 + seed, 1500, num_blocks=40, max_batch_size=4, budget=8, chunked=False)
