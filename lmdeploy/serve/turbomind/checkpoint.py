@@ -7,9 +7,11 @@ Two layouts are understood:
   (with or without `pytorch_model.bin.index.json`). safetensors is preferred when both exist.
 * Meta: `consolidated.XX.pth` model-parallel shards (`*.pth`, then `*.pt`, each sorted).
 
-A `Shard` opens lazily: safetensors through `safe_open` (tensors are read one by one), `.bin`
-and `.pth` through `torch.load(mmap=True)` so a tensor's bytes are only paged in when used. Old
-pickle-only files that cannot be memory-mapped fall back to a plain load of that one shard.
+A `Shard` opens lazily: safetensors through `safe_open` (tensors are memory-mapped views),
+`.bin` and `.pth` through `torch.load(mmap=True)` so a tensor's bytes are only paged in when
+used. Old pickle-only files that cannot be memory-mapped fall back to a plain load of that one
+shard. An open memory-mapped shard costs no memory until its tensors are read, so a caller may
+keep it open between a scan of its names/shapes and the conversion (`Shard.mapped`).
 
 Every failure is raised as `CheckpointError` with a one-line message naming the file.
 """
@@ -53,20 +55,31 @@ class Shard:
         self.path = path
         self._st = None  # safetensors handle
         self._sd: Optional[Dict[str, torch.Tensor]] = None  # torch.load result
+        self._mapped = False  # the open tensors are memory-mapped views of the file
 
     @property
     def is_safetensors(self) -> bool:
         return self.path.endswith('.safetensors')
 
+    @property
+    def is_open(self) -> bool:
+        return self._st is not None or self._sd is not None
+
+    @property
+    def mapped(self) -> bool:
+        """Open, and holding no tensor data in memory until a tensor is read."""
+        return self.is_open and self._mapped
+
     def open(self) -> 'Shard':
-        if self._st is not None or self._sd is not None:
+        if self.is_open:
             return self
         try:
             if self.is_safetensors:
                 from safetensors import safe_open
                 self._st = safe_open(self.path, framework='pt')
+                self._mapped = True
             else:
-                self._sd = _torch_load(self.path)
+                self._sd, self._mapped = _torch_load(self.path)
         except CheckpointError:
             raise
         except Exception as e:  # corrupt, truncated, not a checkpoint at all
@@ -76,6 +89,7 @@ class Shard:
     def close(self):
         self._st = None
         self._sd = None
+        self._mapped = False
 
     def names(self) -> List[str]:
         self.open()
@@ -111,8 +125,10 @@ class Shard:
         self.close()
 
 
-def _torch_load(path: str) -> Dict[str, torch.Tensor]:
+def _torch_load(path: str) -> Tuple[Dict[str, torch.Tensor], bool]:
+    """(tensors by name, whether they are memory-mapped)."""
     import torch
+    mapped = True
     try:
         sd = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
     except RuntimeError as e:
@@ -120,12 +136,13 @@ def _torch_load(path: str) -> Dict[str, torch.Tensor]:
         if 'mmap' not in str(e) and 'zip' not in str(e):
             raise
         sd = torch.load(path, map_location='cpu', weights_only=True)
+        mapped = False
     if isinstance(sd, dict) and 'state_dict' in sd and isinstance(sd['state_dict'], dict):
         sd = sd['state_dict']
     if not isinstance(sd, dict):
         raise CheckpointError(f'cannot read shard {path}: it holds a {type(sd).__name__}, '
                               'not a dict of tensors')
-    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}, mapped
 
 
 def _read_index(path: str) -> List[str]:
@@ -170,7 +187,7 @@ def find_meta_shards(model_path: str) -> List[Shard]:
 
 
 def iter_shards(shards: Sequence[Shard]) -> Iterator[Shard]:
-    """Open each shard in turn and close it before the next one is opened."""
+    """Open each shard in turn (or use it as already opened) and close it before the next."""
     for shard in shards:
         with shard:
             yield shard
