@@ -37,7 +37,7 @@ def chat_turn(workspace: str, prompt: str, max_new_tokens: int) -> None:
                                          sequence_end=True, top_k=1, stream_output=True):
         if first is None:
             first = time.perf_counter()
-        output_ids = list(outputs[0][0])
+        output_ids = outputs[0][0].tolist()
     end = time.perf_counter()
     stop_ids = set(template.stop_words_for(tokenizer) or []) | {tokenizer.eos_token_id}
     reply_ids = [t for t in output_ids if t not in stop_ids]

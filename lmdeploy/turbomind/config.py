@@ -21,7 +21,8 @@ Engine keys that v0.0.2 did not have:
   from ``cache_max_entry_count`` (see ``model_runner.plan_num_blocks``);
 * ``dtype``: compute/KV dtype, 'fp32' | 'fp16' | 'bf16'; default fp16 on CUDA, fp32 on CPU;
 * ``device``: 'cpu', 'cuda' or 'cuda:N'; default cuda when available, else cpu;
-* ``rope_theta``: rotary base (deploy writes it only when it is not 10000).
+* ``rope_theta``: rotary base (deploy writes it only when it is not 10000);
+* ``chunked_prefill``: split long prompts over steps within ``max_prefill_tokens`` (default on).
 """
 import configparser
 import dataclasses
@@ -73,6 +74,7 @@ class EngineConfig:
     num_blocks: int = 0  # 0 -> memory plan
     dtype: str = ''  # '' -> fp16 on cuda, fp32 on cpu
     device: str = ''  # '' -> cuda if available else cpu
+    chunked_prefill: bool = True  # False: a prompt is prefilled in one step, whatever its length
     # --- where it came from ---
     weight_dir: str = ''
     extra: Dict[str, str] = field(default_factory=dict)

@@ -11,3 +11,9 @@ import torch.nn.functional as F
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+try:  # the Triton kernel beside its reference (kernels.select picks it on CUDA)
+    from .triton_activation import silu_and_mul_triton  # noqa: E402,F401
+except ImportError:  # no triton
+    pass

@@ -47,3 +47,9 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         o = torch.einsum('hgnl,lhd->nhgd', probs, v).reshape(n, hq, D)
         out[start:end] = o.to(q.dtype)
     return out
+
+
+try:  # the Triton kernel beside its reference (kernels.select picks it on CUDA)
+    from .triton_paged_attention import paged_attention_triton  # noqa: E402,F401
+except ImportError:  # no triton
+    pass

@@ -21,3 +21,9 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     out = weight * h.to(x.dtype)
     return out if residual is None else (out, residual)
+
+
+try:  # the Triton kernel beside its reference (kernels.select picks it on CUDA)
+    from .triton_rms_norm import rms_norm_triton  # noqa: E402,F401
+except ImportError:  # no triton
+    pass

@@ -34,3 +34,9 @@ def rotary_embedding_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tens
         return torch.cat((out, x[..., rotary_dim:]), dim=-1)
 
     return rotate(q), rotate(k)
+
+
+try:  # the Triton kernel beside its reference (kernels.select picks it on CUDA)
+    from .triton_rotary import rotary_embedding_triton  # noqa: E402,F401
+except ImportError:  # no triton
+    pass

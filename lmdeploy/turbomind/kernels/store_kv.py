@@ -21,3 +21,9 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         slots = slot_mapping[keep]
         kc.index_copy_(0, slots, k[keep].to(kc.dtype))
         vc.index_copy_(0, slots, v[keep].to(vc.dtype))
+
+
+try:  # the Triton kernel beside its reference (kernels.select picks it on CUDA)
+    from .triton_store_kv import store_kv_triton  # noqa: E402,F401
+except ImportError:  # no triton
+    pass

@@ -1,0 +1,280 @@
+"""The engine: one thread that runs the step loop over the persistent batch.
+
+    plan = scheduler.schedule()        # C++ core: admit, allocate blocks, emit the flat plan
+    tokens = self._run(plan)           # data plane: forward + sample
+    events = scheduler.update(tokens)  # C++ core: append, stop checks, finish or park
+
+Callers on any thread reach the loop only through `submit` and `call` (both queue a command
+the loop runs between steps) and through the `Request` objects they hand in, which the loop
+fills and signals. The scheduler, the runner and the request table belong to the loop thread.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import itertools
+import logging
+import queue
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import _turbomind as _tm
+from .errors import EngineError, error_for
+from .model_runner import ModelRunner
+from .sampling import RequestRng, Sampler, SamplingParams
+from .step_input import StepInput
+
+logger = logging.getLogger('lmdeploy.turbomind')
+
+_NO_TOKENS = np.zeros(0, dtype=np.int32)
+# decode() uses session ids from here up, so it never touches a caller's session.
+PRIVATE_SESSION_BASE = 1 << 63
+
+_LIVE_ENGINES: 'weakref.WeakSet[Engine]' = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines():
+    # Interpreter shutdown with the loop thread still inside torch aborts the process.
+    for engine in list(_LIVE_ENGINES):
+        engine.close()
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state, written by the engine thread and read by its caller.
+
+    The caller waits on `cond` (shared by the requests of one call) until `version` moves.
+    """
+    session_id: int
+    params: SamplingParams
+    cond: threading.Condition
+    random_seed: Optional[int] = None
+    want_logits: bool = False
+    handle: int = 0
+    output_ids: List[int] = field(default_factory=list)
+    logits: List[torch.Tensor] = field(default_factory=list)
+    finished: bool = False
+    reason: str = ''
+    error: Optional[Exception] = None
+    version: int = 0
+    # engine-thread only
+    rng: Optional[RequestRng] = None
+    seen: Optional[List[int]] = None  # whole token history, kept only for repetition penalty
+
+    def publish(self):
+        with self.cond:
+            self.version += 1
+            self.cond.notify_all()
+
+
+class Engine:
+    """The step loop. `runner` is rank 0's ModelRunner; the scheduler is sized from it."""
+
+    def __init__(self, runner: ModelRunner):
+        cfg = runner.cfg
+        self.runner = runner
+        self.scheduler = _tm.Scheduler(
+            num_blocks=runner.num_blocks, block_size=cfg.block_size,
+            max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
+            session_len=cfg.session_len, vocab_size=cfg.vocab_size, start_id=cfg.start_id,
+            end_id=cfg.end_id, chunked_prefill=cfg.chunked_prefill)
+        self.sampler = Sampler()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: Dict[int, Request] = {}  # handle -> request in the scheduler
+        self._session_rng: Dict[int, tuple] = {}  # session_id -> saved RequestRng state
+        self._private_ids = itertools.count(PRIVATE_SESSION_BASE)
+        self._dead: Optional[Exception] = None
+        self._thread = threading.Thread(target=self._loop, name='turbomind-engine', daemon=True)
+        self._thread.start()
+        _LIVE_ENGINES.add(self)
+
+    # ----------------------------------------------------------------------------------------
+    # Caller side (any thread)
+
+    def submit(self, request: Request, **core_args) -> None:
+        """Queue `request`; `core_args` go to the scheduler's submit (input_ids, flags, ...)."""
+        self._post(lambda: self._submit(request, core_args))
+
+    def call(self, fn: Callable):
+        """Run `fn()` on the engine thread between steps and return its result."""
+        future = concurrent.futures.Future()
+
+        def run():
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # handed to the caller
+                future.set_exception(e)
+
+        self._post(run)
+        return future.result()
+
+    def cancel(self, session_id: int, end: bool = False) -> int:
+        """STOP (v0.0.2): a running request finishes with reason 'cancel'; returns the code."""
+
+        def run():
+            code = self.scheduler.cancel(session_id, end)
+            if end:
+                self._session_rng.pop(session_id, None)
+            return code
+
+        return self.call(run)
+
+    def private_session_id(self) -> int:
+        return next(self._private_ids)
+
+    def close(self):
+        if self._thread.is_alive():
+            self._commands.put(None)
+            self._thread.join()
+
+    def _post(self, command: Callable):
+        if self._dead is not None:
+            raise EngineError(f'the engine has stopped: {self._dead}')
+        self._commands.put(command)
+
+    # ----------------------------------------------------------------------------------------
+    # Engine thread
+
+    def _loop(self):
+        try:
+            while self._drain(block=self._idle()):
+                self._step()
+            self._dead = EngineError('the engine was closed')
+        except BaseException as e:  # a bug in the loop itself: fail everyone, never hang them
+            logger.exception('engine loop failed')
+            self._dead = e
+        for request in list(self._requests.values()):
+            request.error = request.error or EngineError(f'the engine has stopped: {self._dead}')
+            request.finished = True
+            request.publish()
+        self._requests.clear()
+
+    def _idle(self) -> bool:
+        return not (self.scheduler.num_running() or self.scheduler.num_waiting())
+
+    def _drain(self, block: bool) -> bool:
+        """Run queued commands (waiting for one when idle); False once close() was called."""
+        try:
+            command = self._commands.get(block=block)
+        except queue.Empty:
+            return True
+        while command is not None:
+            command()
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+        return False
+
+    def _submit(self, request: Request, core_args: dict):
+        if request.random_seed is not None:
+            request.rng = RequestRng(request.random_seed)
+        elif not core_args.get('sequence_start', True) and request.session_id in self._session_rng:
+            request.rng = RequestRng.from_state(self._session_rng[request.session_id])
+        else:
+            request.rng = RequestRng()
+        request.handle = self.scheduler.submit(request.session_id, **core_args)
+        self._requests[request.handle] = request
+        # A rejected request gets its error event from the next update().
+
+    def _step(self):
+        scheduler = self.scheduler
+        plan = scheduler.schedule()
+        tokens = _NO_TOKENS
+        if plan.num_tokens:
+            try:
+                tokens = self._run(plan)
+            except Exception as e:  # noqa: BLE001 - the step fails, its requests fail, we go on
+                logger.exception('step %d failed', plan.step)
+                scheduler.discard_plan()
+                self._fail_rows(plan, e)
+                tokens = _NO_TOKENS
+        events = scheduler.update(tokens)
+        for warning in scheduler.take_warnings():
+            logger.warning(warning)
+        self._dispatch(events)
+
+    def _run(self, plan) -> np.ndarray:
+        """Forward the plan and sample one token per sampling row (int32)."""
+        num_samples, num_logits = plan.num_samples, plan.num_logits
+        sample_idx = plan.sample_idx
+        if num_logits:
+            sample_idx = np.concatenate([sample_idx, plan.logits_idx])
+        step = StepInput(
+            input_ids=torch.from_numpy(plan.input_ids), positions=torch.from_numpy(plan.positions),
+            cu_seqlens=torch.from_numpy(plan.cu_seqlens), kv_lens=torch.from_numpy(plan.kv_lens),
+            block_table=torch.from_numpy(plan.block_table),
+            slot_mapping=torch.from_numpy(plan.slot_mapping),
+            sample_idx=torch.from_numpy(sample_idx), max_q_len=plan.max_q_len,
+            max_kv_len=plan.max_kv_len, num_decode=plan.num_decode)
+        logits = self.runner.run(step)
+        if num_logits:
+            extra = logits[num_samples:].cpu()
+            for j, handle in enumerate(plan.logits_handles.tolist()):
+                self._requests[handle].logits.append(extra[j])
+        if not num_samples:
+            return _NO_TOKENS
+        requests = [self._requests[h] for h in plan.sample_handles.tolist()]
+        seen_ids, seen_lens = self._seen_tokens(requests, logits.device)
+        tokens = self.sampler.sample(logits[:num_samples], [r.params for r in requests],
+                                     [r.rng for r in requests], seen_ids, seen_lens)
+        return tokens.to(torch.int32).cpu().numpy()
+
+    def _seen_tokens(self, requests: List[Request], device):
+        """Padded token histories of the rows with a repetition penalty (others get none)."""
+        penalised = [r for r in requests if r.params.repetition_penalty != 1.0]
+        if not penalised:
+            return None, None
+        for r in penalised:
+            if r.seen is None:
+                r.seen = list(self.scheduler.session_info(r.session_id)['tokens'])
+        lens = [len(r.seen) if r.params.repetition_penalty != 1.0 else 0 for r in requests]
+        ids = torch.full((len(requests), max(max(lens), 1)), -1, dtype=torch.long)
+        for i, r in enumerate(requests):
+            if lens[i]:
+                ids[i, :lens[i]] = torch.tensor(r.seen, dtype=torch.long)
+        return ids.to(device), torch.tensor(lens, dtype=torch.long, device=device)
+
+    def _fail_rows(self, plan, error: Exception):
+        for handle in set(plan.row_handles.tolist()):
+            request = self._requests.get(handle)
+            if request is not None:
+                request.error = EngineError(f'the step running this request failed: {error}')
+                self.scheduler.cancel(request.session_id, False)
+
+    def _dispatch(self, events):
+        if not len(events.handles):
+            return
+        offsets = events.offsets
+        tokens = events.tokens
+        for i, handle in enumerate(events.handles.tolist()):
+            request = self._requests.get(handle)
+            if request is None:
+                continue
+            new = tokens[offsets[i]:offsets[i + 1]].tolist()
+            if new:
+                request.output_ids.extend(new)
+                if request.seen is not None:
+                    request.seen.extend(new)
+            if events.finished[i]:
+                code = int(events.codes[i])
+                if code and request.error is None:
+                    request.error = error_for(code, events.messages[i])
+                request.reason = _tm.FINISH_REASONS[int(events.reasons[i])]
+                request.finished = True
+                del self._requests[handle]
+                self._park_rng(request)
+            request.publish()
+
+    def _park_rng(self, request: Request):
+        """Keep a finished turn's random stream for the session's next turn (v0.0.2 7.3)."""
+        if request.error is None and self.scheduler.session_info(request.session_id) is not None:
+            self._session_rng[request.session_id] = request.rng.state()
+        else:
+            self._session_rng.pop(request.session_id, None)

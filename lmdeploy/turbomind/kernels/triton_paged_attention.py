@@ -1,0 +1,341 @@
+"""Triton paged attention (same contract as `paged_attention_ref`, see paged_attention.py).
+
+Two kernels, picked on the host without a device sync:
+
+* every row is a decode row (``T == B``; q_len is then 1 for all rows): `_decode_kernel`,
+  flash-decoding. Grid ``(B, hkv, num_splits)``: one program holds all ``group = hq // hkv``
+  query heads of one KV head (so each K/V tile is read once for the whole group) and walks one
+  partition of the row's KV; with ``num_splits > 1`` the partitions' partial results
+  (unnormalised output, running max, running sum) go to fp32 scratch and `_combine_kernel`
+  merges them. The number of splits and the partition length come from the ``max_kv_len``
+  hint (or the block table's width), never from device values, so the launch can be captured
+  in a CUDA graph for any kv_lens up to that hint.
+* otherwise (prefill chunks, possibly mixed with decode rows): `_prefill_kernel`. The M side of
+  a tile packs ``BLOCK_Q`` query tokens x ``group`` heads of one KV head, so GQA again reads
+  each K/V tile once. Grid ``(T // BLOCK_Q + B, hkv)``, a host-known upper bound on the number
+  of query tiles; each program finds its row by binary search over cu_seqlens (row b's tiles
+  start at ``cu_seqlens[b] // BLOCK_Q + b``) and returns at once if it has no tile. The KV loop
+  runs unmasked over the part of the prefix every token of the tile sees, then masked
+  (causal + length) over the rest.
+
+KV tiles are loaded by `_load_kv` alone: the one place to add int8 KV dequantisation
+(per-head scales) later. Softmax statistics and accumulators are fp32 (exp2 with the scale
+folded in); the probabilities are cast to the KV dtype for the P @ V product, as
+flash-attention does.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_kv(ptrs, mask):
+    """Load one K or V tile; returns the cache's dtype (int8 dequant goes here)."""
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _block_ids(BT_row, offs_n, mask_n, n0, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Pool block of each KV position in the tile, as int64."""
+    if PAGE % BLOCK_N == 0:
+        # the whole tile sits in one pool block: one scalar load
+        blk = tl.load(BT_row + n0 // PAGE).to(tl.int64)
+        return tl.zeros([BLOCK_N], dtype=tl.int64) + blk
+    else:
+        return tl.load(BT_row + offs_n // PAGE, mask=mask_n, other=0).to(tl.int64)
+
+
+@triton.jit
+def _decode_kernel(Q, K, V, BT, KVL, O, TmpO, TmpML, qk_scale, partition,
+                   stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                   stride_vh, stride_bt, stride_ot, stride_oh,
+                   NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                   PAGE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    kv_len = tl.load(KVL + b)
+    start = split * partition
+    if start >= kv_len:
+        return  # empty partition: the combine kernel skips it
+    end = tl.minimum(start + partition, kv_len)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + offs_g
+    q = tl.load(Q + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_g[:, None] & mask_d[None, :], other=0.0)
+
+    BT_row = BT + b.to(tl.int64) * stride_bt
+    K_h = K + kvh * stride_kh
+    V_h = V + kvh * stride_vh
+    m_i = tl.full([G_PAD], float('-inf'), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
+        off = (offs_n % PAGE)[:, None]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask)
+        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask)
+        if USE_DOT:
+            s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
+        else:
+            s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        s = tl.where(mask_n[None, :], s * qk_scale, float('-inf'))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if NUM_SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(O + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    else:
+        # scratch: TmpO [B, hq, NUM_SPLITS, BLOCK_D], TmpML [B, hq, NUM_SPLITS, 2]
+        hq = tl.num_programs(1) * GROUP
+        base = (b.to(tl.int64) * hq + heads) * NUM_SPLITS + split  # [G_PAD]
+        tl.store(TmpO + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mask_g[:, None])
+        tl.store(TmpML + base * 2, m_i, mask=mask_g)
+        tl.store(TmpML + base * 2 + 1, l_i, mask=mask_g)
+
+
+@triton.jit
+def _combine_kernel(TmpO, TmpML, KVL, O, partition, stride_ot, stride_oh,
+                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    hq = tl.num_programs(1)
+    kv_len = tl.load(KVL + b)
+    n_valid = (kv_len + partition - 1) // partition
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < tl.minimum(n_valid, NUM_SPLITS)
+    base = (b.to(tl.int64) * hq + h) * NUM_SPLITS + offs_s
+    m = tl.load(TmpML + base * 2, mask=mask_s, other=float('-inf'))
+    l = tl.load(TmpML + base * 2 + 1, mask=mask_s, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp2(m - m_max)
+    w = tl.where(mask_s, w, 0.0)
+    acc = tl.load(TmpO + base[:, None] * BLOCK_D + offs_d[None, :], mask=mask_s[:, None],
+                  other=0.0)
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    tl.store(O + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, BT, CU, KVL, O, qk_scale, num_rows,
+                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
+                    stride_vh, stride_bt, stride_ot, stride_oh,
+                    GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    PAGE: tl.constexpr, DOT_PREC: tl.constexpr):
+    BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
+    pid = tl.program_id(0)
+    kvh = tl.program_id(1)
+    # row b = the last row whose first tile index (cu[b] // BLOCK_Q + b) is <= pid
+    lo = pid * 0
+    hi = lo + num_rows
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(CU + mid) // BLOCK_Q + mid
+        lo = tl.where(first <= pid, mid, lo)
+        hi = tl.where(first <= pid, hi, mid)
+    b = lo
+    q_start = tl.load(CU + b)
+    q_len = tl.load(CU + b + 1) - q_start
+    tile = pid - (q_start // BLOCK_Q + b)
+    if tile * BLOCK_Q >= q_len:
+        return
+    kv_len = tl.load(KVL + b)
+    prefix = kv_len - q_len  # KV positions before this step's tokens
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    tok = tile * BLOCK_Q + offs_m // G_PAD  # token index within the row
+    g = offs_m % G_PAD
+    mask_m = (tok < q_len) & (g < GROUP)
+    mask_d = offs_d < HEAD_DIM
+    heads = kvh * GROUP + g
+    row_t = (q_start + tok).to(tl.int64)
+    q_mask = mask_m[:, None] & mask_d[None, :]
+    q = tl.load(Q + row_t[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=q_mask, other=0.0)
+    ctx = prefix + tok  # position of each query token: it sees KV 0..ctx
+
+    BT_row = BT + b.to(tl.int64) * stride_bt
+    K_h = K + kvh * stride_kh
+    V_h = V + kvh * stride_vh
+    m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # KV every token of the tile sees: positions <= prefix + first token; whole tiles of it
+    full_end = ((prefix + tile * BLOCK_Q + 1) // BLOCK_N) * BLOCK_N
+    last_tok = tl.minimum((tile + 1) * BLOCK_Q, q_len) - 1
+    hi_kv = prefix + last_tok + 1
+    for n0 in range(0, full_end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi_kv  # always true here; keeps loads in bounds for the compiler
+        blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
+        off = (offs_n % PAGE)[:, None]
+        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :],
+                     mask_d[None, :])
+        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :],
+                     mask_d[None, :])
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    for n0 in range(full_end, hi_kv, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi_kv
+        blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
+        off = (offs_n % PAGE)[:, None]
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask)
+        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale
+        causal = (offs_n[None, :] <= ctx[:, None]) & mask_n[None, :]
+        s = tl.where(causal, s, float('-inf'))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)  # rows with nothing seen yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    l_i = tl.where(mask_m, l_i, 1.0)
+    out = acc / l_i[:, None]
+    tl.store(O + row_t[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=q_mask)
+
+
+_NUM_SMS = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != 'cuda':
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# Tunables (benchmark/bench_kernels.py sweeps them; see benchmark/NOTES.md).
+DECODE_CFG = dict(BLOCK_N=64, num_warps=4, num_stages=3, min_partition=256, waves=4,
+                  use_dot=True)
+PREFILL_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+def decode_splits(batch: int, hkv: int, max_kv: int, device, cfg=None):
+    """(num_splits, partition length) for a decode launch, from host-known values only."""
+    cfg = cfg or DECODE_CFG
+    block_n = cfg['BLOCK_N']
+    programs = max(1, batch * hkv)
+    target = cfg['waves'] * _num_sms(device)
+    max_splits = max(1, triton.cdiv(max_kv, cfg['min_partition']))
+    splits = max(1, min(triton.cdiv(target, programs), max_splits))
+    partition = triton.cdiv(triton.cdiv(max(max_kv, 1), splits), block_n) * block_n
+    splits = max(1, triton.cdiv(max(max_kv, 1), partition))
+    return splits, partition
+
+
+def _dot_prec(dtype):
+    return 'ieee' if dtype == torch.float32 else 'tf32'
+
+
+def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_table: torch.Tensor, cu_seqlens: torch.Tensor,
+                           kv_lens: torch.Tensor, scale: float, max_q_len: int = 0,
+                           max_kv_len: int = 0, *, num_splits: Optional[int] = None,
+                           decode_cfg=None, prefill_cfg=None) -> torch.Tensor:
+    """Same contract as `paged_attention_ref`. Keyword-only extras are for tests/benchmarks:
+    num_splits forces the decode split count; *_cfg override the tunables."""
+    T, hq, D = q.shape
+    B = kv_lens.shape[0]
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert hq % hkv == 0
+    group = hq // hkv
+    out = torch.empty((T, hq, D), dtype=q.dtype, device=q.device)
+    if T == 0 or B == 0:
+        return out
+    block_d = _next_pow2(D)
+    max_kv = max_kv_len if max_kv_len and max_kv_len > 0 else block_table.shape[1] * page
+    qk_scale = float(scale) * LOG2E
+    prec = _dot_prec(q.dtype)
+    common_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
+                      v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
+                      out.stride(0), out.stride(1))
+
+    if T == B:  # all decode rows (every row has q_len >= 1)
+        cfg = dict(DECODE_CFG, **(decode_cfg or {}))
+        block_n = cfg['BLOCK_N']
+        if num_splits is None:
+            splits, partition = decode_splits(B, hkv, max_kv, q.device, cfg)
+        else:
+            splits = max(1, int(num_splits))
+            partition = triton.cdiv(triton.cdiv(max_kv, splits), block_n) * block_n
+            splits = max(1, triton.cdiv(max_kv, partition))
+        use_dot = cfg['use_dot']
+        g_pad = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
+        if splits > 1:
+            tmp_o = torch.empty((B, hq, splits, block_d), dtype=torch.float32, device=q.device)
+            tmp_ml = torch.empty((B, hq, splits, 2), dtype=torch.float32, device=q.device)
+        else:
+            tmp_o = tmp_ml = out
+        _decode_kernel[(B, hkv, splits)](
+            q, k_cache, v_cache, block_table, kv_lens, out, tmp_o, tmp_ml, qk_scale, partition,
+            q.stride(0), q.stride(1), *common_strides,
+            NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
+            BLOCK_N=block_n, PAGE=page, USE_DOT=use_dot, DOT_PREC=prec,
+            num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
+        if splits > 1:
+            _combine_kernel[(B, hq)](tmp_o, tmp_ml, kv_lens, out, partition, out.stride(0),
+                                     out.stride(1), NUM_SPLITS=splits,
+                                     SPLITS_PAD=_next_pow2(splits), HEAD_DIM=D, BLOCK_D=block_d,
+                                     num_warps=4 if block_d >= 128 else 2)
+        return out
+
+    cfg = dict(PREFILL_CFG, **(prefill_cfg or {}))
+    g_pad = _next_pow2(group)
+    block_q = max(1, cfg['BLOCK_M'] // g_pad)
+    if block_q * g_pad < 16:
+        block_q = triton.cdiv(16, g_pad)
+    grid = (T // block_q + B, hkv)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, out, qk_scale, B,
+        q.stride(0), q.stride(1), *common_strides,
+        GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_N=cfg['BLOCK_N'], PAGE=page, DOT_PREC=prec,
+        num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
+    return out

@@ -1,0 +1,251 @@
+"""Public API of the TurboMind engine (LMDeploy v0.0.2, section 6, with its bugs fixed).
+
+    tm = TurboMind('./workspace')                     # one engine, one persistent batch
+    instance = tm.create_instance()                   # one per caller thread
+    for outputs in instance.stream_infer(session_id=1, input_ids=ids, stream_output=True):
+        output_ids, n = outputs[0]                    # this turn's new tokens so far
+    logits = instance.decode([ids])                   # [B, max_len, vocab] fp32
+
+Differences from v0.0.2 on purpose: bad requests raise typed errors (`errors.py`) instead of
+yielding garbage; yielded ids are copies; `decode` never touches live sessions nor mutates its
+input; `end` and `cancel` exist; unseeded requests get a fresh random stream.
+"""
+from __future__ import annotations
+
+import numbers
+import os.path as osp
+import threading
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..model import get_template
+from .config import EngineConfig
+from .engine import Engine, Request
+from .errors import EngineError, InvalidRequest, SessionInactive, error_for
+from .model_runner import ModelRunner
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+class TurboMind:
+    """The engine over a workspace written by `lmdeploy.serve.turbomind.deploy`.
+
+    Args:
+        model_path: the workspace root (it holds triton_models/weights/config.ini).
+        tp: tensor-parallel degree (1 for now).
+        eos_id: end-of-sequence id (default: config.ini's end_id).
+        data_type: v0.0.2's name for the dtype ('fp16'/'half', 'bf16', 'fp32').
+        **config_overrides: any EngineConfig key (max_batch_size, session_len, block_size,
+            num_blocks, cache_max_entry_count, max_prefill_tokens, dtype, device, ...).
+    """
+
+    def __init__(self, model_path: str, tp: int = 1, eos_id: Optional[int] = None,
+                 data_type: Optional[str] = None, **config_overrides):
+        if data_type is not None:
+            config_overrides.setdefault('dtype', {'half': 'fp16'}.get(data_type, data_type))
+        if tp != 1:
+            raise NotImplementedError(f'tp={tp}: tensor parallelism is not available yet; use tp=1')
+        self.config = cfg = EngineConfig.from_workspace(model_path, **config_overrides)
+        self.model_path = model_path
+        self.model_name = cfg.model_name
+        self.session_len = cfg.session_len
+        self.gpu_count = tp
+        self.eos_id = cfg.end_id if eos_id is None else int(eos_id)
+        self.template = get_template(cfg.model_name)
+        tokenizer_dir = osp.join(model_path, 'triton_models', 'tokenizer')
+        self.tokenizer = Tokenizer(tokenizer_dir) if osp.isdir(tokenizer_dir) else None
+        stop_words = (self.template.stop_words_for(self.tokenizer) if self.tokenizer
+                      else self.template.stop_words) or []
+        self.stop_words = [w for w in stop_words if 0 <= w < cfg.vocab_size]
+        self.engine = Engine(ModelRunner(cfg, rank=0, tp=tp))
+
+    def create_instance(self, cuda_stream_id: int = 0) -> 'TurboMindInstance':
+        return TurboMindInstance(self)
+
+    def close(self):
+        """Stop the engine thread; requests still running fail with EngineError."""
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _as_id_rows(input_ids) -> Tuple[List[List[int]], bool]:
+    """(rows, batched): accepts a list of ids or a list of lists (tensors/arrays too)."""
+    if isinstance(input_ids, torch.Tensor):
+        input_ids = input_ids.tolist()
+    elif hasattr(input_ids, 'tolist'):
+        input_ids = input_ids.tolist()
+    if not isinstance(input_ids, (list, tuple)):
+        raise InvalidRequest(f'input_ids must be a list of token ids, got {type(input_ids).__name__}')
+    batched = bool(input_ids) and not _is_int(input_ids[0])
+    rows = [list(r.tolist() if hasattr(r, 'tolist') else r) for r in input_ids] if batched \
+        else [list(input_ids)]
+    for row in rows:
+        for token in row:
+            if not _is_int(token):
+                raise InvalidRequest(f'token ids must be integers, got {token!r}')
+    return rows, batched
+
+
+def _per_row(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise InvalidRequest(f'{name} has {len(value)} entries for {n} rows')
+        return list(value)
+    return [value] * n
+
+
+class TurboMindInstance:
+    """A caller's handle on the shared engine; use one per thread."""
+
+    def __init__(self, tm: TurboMind):
+        self.tm = tm
+        self.engine: Engine = tm.engine
+
+    def stream_infer(self, session_id, input_ids, request_output_len: int = 512,
+                     sequence_start: bool = True, sequence_end: bool = False, step=1,
+                     stop: bool = False, top_p=0.8, top_k=40, temperature=0.8,
+                     repetition_penalty=1.0, ignore_eos: bool = False,
+                     random_seed: Optional[int] = None, stream_output: bool = False,
+                     bad_words: Optional[Sequence[int]] = None,
+                     stop_words: Optional[Sequence[int]] = None
+                     ) -> Iterator[List[Tuple[torch.Tensor, int]]]:
+        """Generate for one session (or a batch of sessions: lists of ids and session ids).
+
+        Yields a list with one `(output_ids, n_tokens)` per row: the tokens generated by this
+        call so far (an int32 tensor, a copy) and their count; the final stop token (EOS or a
+        stop word) is included, as in v0.0.2. With `stream_output` it yields after every engine
+        step, otherwise once at the end. `step` is the history length to keep (v0.0.2: pass the
+        session's token count; a smaller value rewinds). `stop=True` cancels the session's
+        running request instead (see `cancel`). `bad_words` bans ids; `stop_words` replaces the
+        template's stop words. Bad requests raise a `RequestError` subclass.
+        """
+        rows, batched = _as_id_rows(input_ids)
+        n = len(rows)
+        sessions = _per_row(session_id, n, 'session_id')
+        if stop:
+            for sid in sessions:
+                self.cancel(sid) if not sequence_end else self.end(sid)
+            yield [(torch.zeros(0, dtype=torch.int32), 0) for _ in range(n)]
+            return
+        requests = self._submit(rows, sessions, request_output_len, sequence_start,
+                                sequence_end, _per_row(step, n, 'step'), top_p, top_k,
+                                temperature, repetition_penalty, ignore_eos,
+                                _per_row(random_seed, n, 'random_seed'), bad_words, stop_words)
+        try:
+            yield from self._stream(requests, stream_output)
+        finally:
+            self._cancel_unfinished(requests)
+
+    def decode(self, input_ids) -> torch.Tensor:
+        """Logits at every input position (v0.0.2 section 6.4): fp32 [B, max_len, vocab].
+
+        Position i predicts token i+1; rows shorter than max_len are zero-padded. Each row runs
+        as a private one-shot session, so live sessions are never touched.
+        """
+        rows, _ = _as_id_rows(input_ids)
+        cond = threading.Condition()
+        requests = []
+        for row in rows:
+            request = Request(self.engine.private_session_id(), SamplingParams(top_k=1), cond,
+                              want_logits=True)
+            self.engine.submit(request, input_ids=row, request_output_len=0,
+                               sequence_start=True, sequence_end=True, logits_all=True)
+            requests.append(request)
+        for _ in self._stream(requests, stream_output=False):
+            pass
+        vocab = self.tm.config.vocab_size
+        out = torch.zeros(len(rows), max(len(r) for r in rows), vocab, dtype=torch.float32)
+        for b, request in enumerate(requests):
+            out[b, :len(request.logits)] = torch.stack(request.logits)
+        return out
+
+    def end(self, session_id: int) -> None:
+        """End a session: stop what it runs and free its KV cache and history."""
+        self.engine.cancel(int(session_id), end=True)
+
+    def cancel(self, session_id: int) -> None:
+        """Stop the session's running request; it finishes with what it has, the cache is kept.
+
+        Raises SessionInactive when nothing runs for the session.
+        """
+        code = self.engine.cancel(int(session_id), end=False)
+        if code:
+            error = error_for(code, f'session {session_id} is not generating; nothing to cancel')
+            raise error if not isinstance(error, EngineError) else SessionInactive(str(error))
+
+    # ----------------------------------------------------------------------------------------
+
+    def _submit(self, rows, sessions, request_output_len, sequence_start, sequence_end, steps,
+                top_p, top_k, temperature, repetition_penalty, ignore_eos, seeds, bad_words,
+                stop_words) -> List[Request]:
+        if not _is_int(request_output_len) or request_output_len < 0:
+            raise InvalidRequest(f'request_output_len must be an integer >= 0, got {request_output_len!r}')
+        tm = self.tm
+        banned = list(bad_words or [])
+        if ignore_eos:
+            banned.append(tm.eos_id)  # v0.0.2: ignore_eos bans EOS and sends no stop words
+        stops = [] if ignore_eos else list(tm.stop_words if stop_words is None else stop_words)
+        n = len(rows)
+        params = []
+        for i, (k, p, t, r) in enumerate(zip(_per_row(top_k, n, 'top_k'), _per_row(top_p, n, 'top_p'),
+                                            _per_row(temperature, n, 'temperature'),
+                                            _per_row(repetition_penalty, n, 'repetition_penalty'))):
+            try:
+                params.append(SamplingParams(top_k=k, top_p=p, temperature=t, repetition_penalty=r,
+                                             bad_words=banned, random_seed=seeds[i]
+                                             ).validate(tm.config.vocab_size))
+            except ValueError as e:
+                raise InvalidRequest(str(e)) from None
+        for sid in sessions:
+            if not _is_int(sid) or sid < 0:
+                raise InvalidRequest(f'session_id must be an integer >= 0, got {sid!r}')
+        cond = threading.Condition()
+        requests = []
+        for i, row in enumerate(rows):
+            step = steps[i]
+            if not _is_int(step):
+                raise InvalidRequest(f'step must be an integer, got {step!r}')
+            request = Request(int(sessions[i]), params[i], cond, random_seed=seeds[i])
+            self.engine.submit(request, input_ids=row, request_output_len=request_output_len,
+                               sequence_start=bool(sequence_start), sequence_end=bool(sequence_end),
+                               step=step, end_id=-1 if ignore_eos else tm.eos_id,
+                               stop_words=stops, ignore_eos=bool(ignore_eos),
+                               random_seed=seeds[i])
+            requests.append(request)
+        return requests
+
+    def _stream(self, requests: List[Request], stream_output: bool):
+        cond = requests[0].cond
+        seen = 0
+        while True:
+            with cond:
+                cond.wait_for(lambda: sum(r.version for r in requests) != seen)
+                seen = sum(r.version for r in requests)
+                done = all(r.finished for r in requests)
+                failed = next((r.error for r in requests if r.error is not None), None)
+                snapshot = [(torch.tensor(r.output_ids, dtype=torch.int32), len(r.output_ids))
+                            for r in requests]
+            if failed is not None:
+                raise failed
+            if stream_output or done:
+                yield snapshot
+            if done:
+                return
+
+    def _cancel_unfinished(self, requests: List[Request]):
+        for request in requests:
+            if not request.finished and request.handle:
+                try:
+                    self.engine.cancel(request.session_id)
+                except EngineError:
+                    pass
