@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import lmdeploy
+from tools.minichat_data import answer_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,15 +29,17 @@ def test_help_lists_every_entry_point_and_bad_argument_fails():
 
 
 def test_demo_converts_the_embedded_model(tmp_path):
-    """The Quick start's steps after install: deploy MiniChat, then the scripted chat turn."""
+    """The Quick start's steps after install: deploy MiniChat, then a chat turn with a right reply."""
     ws = tmp_path / 'workspace'
     out = run('-m', 'lmdeploy.serve.turbomind.deploy', 'minichat', 'assets/minichat', '--dst_path', str(ws))
     assert out.returncode == 0, out.stderr
     config = (ws / 'triton_models' / 'weights' / 'config.ini').read_text()
     assert 'model_name = minichat' in config
-    demo = run('tools/demo.py', str(ws))
-    assert demo.returncode == 0, demo.stderr
-    assert 'workspace ready' in demo.stdout
+    for prompt in ('What is 37 + 58?', 'Reverse the word guitar.'):
+        demo = run('tools/demo.py', str(ws), '--prompt', prompt)
+        assert demo.returncode == 0, demo.stderr
+        assert f'minichat: {answer_for(prompt)}\n' in demo.stdout, demo.stdout
+        assert 'tok/s' in demo.stdout
 
 
 def test_demo_rejects_a_directory_that_is_not_a_workspace(tmp_path):
