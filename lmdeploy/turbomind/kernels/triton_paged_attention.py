@@ -2,15 +2,18 @@
 
 Two kernels, picked on the host without a device sync:
 
-* every row is a decode row (``T == B``; q_len is then 1 for all rows): `_decode_kernel`,
-  flash-decoding. Grid ``(B, hkv, num_splits)``: one program holds all ``group = hq // hkv``
-  query heads of one KV head (so each K/V tile is read once for the whole group) and walks one
+* decode rows (q_len 1): `_decode_kernel`, flash-decoding. When every row is one
+  (``T == B``) it is the only launch; otherwise it runs over all rows and returns at once for
+  rows with q_len != 1 (no host sync is needed to find the decode rows).
+  Grid ``(B, hkv, num_splits)``: one program holds all ``group = hq // hkv`` query heads
+  of one KV head (so each K/V tile is read once for the whole group) and walks one
   partition of the row's KV; with ``num_splits > 1`` the partitions' partial results
   (unnormalised output, running max, running sum) go to fp32 scratch and `_combine_kernel`
   merges them. The number of splits and the partition length come from the ``max_kv_len``
   hint (or the block table's width), never from device values, so the launch can be captured
   in a CUDA graph for any kv_lens up to that hint.
-* otherwise (prefill chunks, possibly mixed with decode rows): `_prefill_kernel`. The M side of
+* rows with q_len > 1 (prompts, prompt chunks on a cached prefix), only when ``T != B``:
+  `_prefill_kernel`, whose programs of q_len-1 rows return at once. The M side of
   a tile packs ``BLOCK_Q`` query tokens x ``group`` heads of one KV head, so GQA again reads
   each K/V tile once. Grid ``(T // BLOCK_Q + B, hkv)``, a host-known upper bound on the number
   of query tiles; each program finds its row by binary search over cu_seqlens (row b's tiles
@@ -23,7 +26,6 @@ KV tiles are loaded by `_load_kv` alone: the one place to add int8 KV dequantisa
 folded in); the probabilities are cast to the KV dtype for the P @ V product, as
 flash-attention does.
 """
-import math
 from typing import Optional
 
 import torch
@@ -51,15 +53,22 @@ def _block_ids(BT_row, offs_n, mask_n, n0, PAGE: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, BT, KVL, O, TmpO, TmpML, qk_scale, partition,
+def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, qk_scale, partition,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                    stride_vh, stride_bt, stride_ot, stride_oh,
                    NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                   PAGE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr):
+                   PAGE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
+                   MIXED: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if MIXED:  # rows with q_len != 1 belong to the prefill kernel
+        tok = tl.load(CU + b)
+        if tl.load(CU + b + 1) - tok != 1:
+            return
+    else:
+        tok = b
     kv_len = tl.load(KVL + b)
     start = split * partition
     if start >= kv_len:
@@ -71,7 +80,7 @@ def _decode_kernel(Q, K, V, BT, KVL, O, TmpO, TmpML, qk_scale, partition,
     mask_g = offs_g < GROUP
     mask_d = offs_d < HEAD_DIM
     heads = kvh * GROUP + offs_g
-    q = tl.load(Q + b.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+    q = tl.load(Q + tok.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=mask_g[:, None] & mask_d[None, :], other=0.0)
 
     BT_row = BT + b.to(tl.int64) * stride_bt
@@ -106,7 +115,7 @@ def _decode_kernel(Q, K, V, BT, KVL, O, TmpO, TmpML, qk_scale, partition,
 
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
-        tl.store(O + b.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
+        tl.store(O + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
     else:
         # scratch: TmpO [B, hq, NUM_SPLITS, BLOCK_D], TmpML [B, hq, NUM_SPLITS, 2]
@@ -118,11 +127,17 @@ def _decode_kernel(Q, K, V, BT, KVL, O, TmpO, TmpML, qk_scale, partition,
 
 
 @triton.jit
-def _combine_kernel(TmpO, TmpML, KVL, O, partition, stride_ot, stride_oh,
+def _combine_kernel(TmpO, TmpML, CU, KVL, O, partition, stride_ot, stride_oh,
                     NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, MIXED: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if MIXED:
+        tok = tl.load(CU + b)
+        if tl.load(CU + b + 1) - tok != 1:
+            return
+    else:
+        tok = b
     hq = tl.num_programs(1)
     kv_len = tl.load(KVL + b)
     n_valid = (kv_len + partition - 1) // partition
@@ -138,8 +153,8 @@ def _combine_kernel(TmpO, TmpML, KVL, O, partition, stride_ot, stride_oh,
     acc = tl.load(TmpO + base[:, None] * BLOCK_D + offs_d[None, :], mask=mask_s[:, None],
                   other=0.0)
     out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
-    tl.store(O + b.to(tl.int64) * stride_ot + h * stride_oh + offs_d, out.to(O.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(O + tok.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
+             out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @triton.jit
@@ -148,7 +163,7 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, qk_scale, num_rows,
                     stride_vh, stride_bt, stride_ot, stride_oh,
                     GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PAGE: tl.constexpr, DOT_PREC: tl.constexpr):
+                    PAGE: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_DECODE: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -166,6 +181,9 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, qk_scale, num_rows,
     tile = pid - (q_start // BLOCK_Q + b)
     if tile * BLOCK_Q >= q_len:
         return
+    if SKIP_DECODE:
+        if q_len == 1:  # done by the decode kernel
+            return
     kv_len = tl.load(KVL + b)
     prefix = kv_len - q_len  # KV positions before this step's tokens
 
@@ -297,33 +315,38 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                       v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
                       out.stride(0), out.stride(1))
 
-    if T == B:  # all decode rows (every row has q_len >= 1)
-        cfg = dict(DECODE_CFG, **(decode_cfg or {}))
-        block_n = cfg['BLOCK_N']
-        if num_splits is None:
-            splits, partition = decode_splits(B, hkv, max_kv, q.device, cfg)
-        else:
-            splits = max(1, int(num_splits))
-            partition = triton.cdiv(triton.cdiv(max_kv, splits), block_n) * block_n
-            splits = max(1, triton.cdiv(max_kv, partition))
-        use_dot = cfg['use_dot']
-        g_pad = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
-        if splits > 1:
-            tmp_o = torch.empty((B, hq, splits, block_d), dtype=torch.float32, device=q.device)
-            tmp_ml = torch.empty((B, hq, splits, 2), dtype=torch.float32, device=q.device)
-        else:
-            tmp_o = tmp_ml = out
-        _decode_kernel[(B, hkv, splits)](
-            q, k_cache, v_cache, block_table, kv_lens, out, tmp_o, tmp_ml, qk_scale, partition,
-            q.stride(0), q.stride(1), *common_strides,
-            NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
-            BLOCK_N=block_n, PAGE=page, USE_DOT=use_dot, DOT_PREC=prec,
-            num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
-        if splits > 1:
-            _combine_kernel[(B, hq)](tmp_o, tmp_ml, kv_lens, out, partition, out.stride(0),
-                                     out.stride(1), NUM_SPLITS=splits,
-                                     SPLITS_PAD=_next_pow2(splits), HEAD_DIM=D, BLOCK_D=block_d,
-                                     num_warps=4 if block_d >= 128 else 2)
+    # Rows with q_len 1 go to the decode kernel. T == B means every row is one (q_len >= 1);
+    # otherwise (mixed or prefill-only) both kernels run: the decode kernel's programs of
+    # rows with q_len != 1 and the prefill kernel's programs of rows with q_len == 1 return
+    # at once, so decode rows keep split-K without the host knowing which rows they are.
+    mixed = T != B
+    cfg = dict(DECODE_CFG, **(decode_cfg or {}))
+    block_n = cfg['BLOCK_N']
+    if num_splits is None:
+        splits, partition = decode_splits(B, hkv, max_kv, q.device, cfg)
+    else:
+        splits = max(1, int(num_splits))
+        partition = triton.cdiv(triton.cdiv(max_kv, splits), block_n) * block_n
+        splits = max(1, triton.cdiv(max_kv, partition))
+    use_dot = cfg['use_dot']
+    g_pad = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
+    if splits > 1:
+        tmp_o = torch.empty((B, hq, splits, block_d), dtype=torch.float32, device=q.device)
+        tmp_ml = torch.empty((B, hq, splits, 2), dtype=torch.float32, device=q.device)
+    else:
+        tmp_o = tmp_ml = out
+    _decode_kernel[(B, hkv, splits)](
+        q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, out, tmp_o, tmp_ml, qk_scale,
+        partition, q.stride(0), q.stride(1), *common_strides,
+        NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_N=block_n, PAGE=page, USE_DOT=use_dot, DOT_PREC=prec, MIXED=mixed,
+        num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
+    if splits > 1:
+        _combine_kernel[(B, hq)](tmp_o, tmp_ml, cu_seqlens, kv_lens, out, partition,
+                                 out.stride(0), out.stride(1), NUM_SPLITS=splits,
+                                 SPLITS_PAD=_next_pow2(splits), HEAD_DIM=D, BLOCK_D=block_d,
+                                 MIXED=mixed, num_warps=4 if block_d >= 128 else 2)
+    if not mixed:
         return out
 
     cfg = dict(PREFILL_CFG, **(prefill_cfg or {}))
@@ -336,6 +359,6 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, out, qk_scale, B,
         q.stride(0), q.stride(1), *common_strides,
         GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_N=cfg['BLOCK_N'], PAGE=page, DOT_PREC=prec,
+        BLOCK_N=cfg['BLOCK_N'], PAGE=page, DOT_PREC=prec, SKIP_DECODE=True,
         num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
     return out

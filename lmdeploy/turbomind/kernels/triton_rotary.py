@@ -1,10 +1,13 @@
 """Triton rotary embedding, interleaved pairs, in place on q and k (contract: rotary.py).
 
-One program per token rotates every q and k head: pair (2i, 2i+1), i < rotary_dim / 2, by
-``positions[t] * inv_freq[i]``. inv_freq is the reference's fp32 tensor (`rotary_inv_freq`),
-computed once per (rotary_dim, theta, device) and cached, so the angles match the reference
-bit for bit; cos/sin and the rotation are fp32, rounded back to the input dtype. Dims past
-rotary_dim are not touched. Returns (q, k), the same tensors.
+Grid (T, 2): a program rotates all q heads (or all k heads) of one token: pair (2i, 2i+1),
+i < rotary_dim / 2, by ``positions[t] * inv_freq[i]``. Each head's rotary dims are loaded and
+stored contiguously (16-byte accesses) and the pairs are split in registers (a first version
+with stride-2 scalar accesses ran at 0.2 TB/s on the H100, see benchmark/NOTES.md).
+inv_freq is the reference's fp32 tensor (`rotary_inv_freq`), computed once per (rotary_dim,
+theta, device) and cached, so the angles match the reference bit for bit; cos/sin and the
+rotation are fp32, rounded back to the input dtype. Dims past rotary_dim are not touched.
+Returns (q, k), the same tensors.
 """
 import torch
 import triton
@@ -14,34 +17,36 @@ from .rotary import rotary_inv_freq
 
 
 @triton.jit
-def _rotate_heads(X, t, stride_t, stride_h, cos, sin, offs_i, NH: tl.constexpr,
-                  BLOCK_NH: tl.constexpr, HALF: tl.constexpr):
+def _rotate_heads(X, t, stride_t, stride_h, cos, sin, NH: tl.constexpr, BLOCK_NH: tl.constexpr,
+                  ROT: tl.constexpr, BLOCK_ROT: tl.constexpr):
+    # contiguous [heads, rotary dims] tile (16-byte accesses); pairs split in registers
     offs_h = tl.arange(0, BLOCK_NH)
-    mask = (offs_h[:, None] < NH) & (offs_i[None, :] < HALF)
-    base = X + t * stride_t + offs_h[:, None] * stride_h + 2 * offs_i[None, :]
-    x0 = tl.load(base, mask=mask, other=0.0)
-    x1 = tl.load(base + 1, mask=mask, other=0.0)
-    x0f = x0.to(tl.float32)
-    x1f = x1.to(tl.float32)
-    y0 = x0f * cos[None, :] - x1f * sin[None, :]
-    y1 = x0f * sin[None, :] + x1f * cos[None, :]
-    tl.store(base, y0.to(x0.dtype), mask=mask)
-    tl.store(base + 1, y1.to(x1.dtype), mask=mask)
+    offs_r = tl.arange(0, BLOCK_ROT)
+    mask = (offs_h[:, None] < NH) & (offs_r[None, :] < ROT)
+    ptrs = X + t * stride_t + offs_h[:, None] * stride_h + offs_r[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    x0, x1 = tl.split(tl.reshape(x.to(tl.float32), [BLOCK_NH, BLOCK_ROT // 2, 2]))
+    y0 = x0 * cos[None, :] - x1 * sin[None, :]
+    y1 = x0 * sin[None, :] + x1 * cos[None, :]
+    y = tl.reshape(tl.join(y0, y1), [BLOCK_NH, BLOCK_ROT])
+    tl.store(ptrs, y.to(x.dtype), mask=mask)
 
 
 @triton.jit
 def _rotary_kernel(Q, K, POS, INV, stride_qt, stride_qh, stride_kt, stride_kh,
                    HQ: tl.constexpr, HKV: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                   BLOCK_HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+                   BLOCK_HKV: tl.constexpr, ROT: tl.constexpr, BLOCK_ROT: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.float32)
-    offs_i = tl.arange(0, BLOCK_HALF)
-    inv = tl.load(INV + offs_i, mask=offs_i < HALF, other=0.0)
+    offs_i = tl.arange(0, BLOCK_ROT // 2)
+    inv = tl.load(INV + offs_i, mask=offs_i < ROT // 2, other=0.0)
     ang = pos * inv
     cos = tl.cos(ang)
     sin = tl.sin(ang)
-    _rotate_heads(Q, t, stride_qt, stride_qh, cos, sin, offs_i, HQ, BLOCK_HQ, HALF)
-    _rotate_heads(K, t, stride_kt, stride_kh, cos, sin, offs_i, HKV, BLOCK_HKV, HALF)
+    if tl.program_id(1) == 0:
+        _rotate_heads(Q, t, stride_qt, stride_qh, cos, sin, HQ, BLOCK_HQ, ROT, BLOCK_ROT)
+    else:
+        _rotate_heads(K, t, stride_kt, stride_kh, cos, sin, HKV, BLOCK_HKV, ROT, BLOCK_ROT)
 
 
 _INV_FREQ = {}
@@ -63,13 +68,13 @@ def rotary_embedding_triton(q: torch.Tensor, k: torch.Tensor, positions: torch.T
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and rotary_dim % 2 == 0
     if T == 0 or rotary_dim == 0:
         return q, k
-    half = rotary_dim // 2
     inv = _inv_freq(rotary_dim, theta, q.device)
-    block_half = triton.next_power_of_2(half)
+    block_rot = max(2, triton.next_power_of_2(rotary_dim))
     block_hq = triton.next_power_of_2(hq)
-    _rotary_kernel[(T,)](q, k, positions, inv, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-                         HQ=hq, HKV=hkv, BLOCK_HQ=block_hq,
-                         BLOCK_HKV=triton.next_power_of_2(hkv), HALF=half,
-                         BLOCK_HALF=block_half,
-                         num_warps=max(1, min(8, block_hq * block_half // 512)))
+    # grid (T, 2): q heads and k heads in separate programs
+    _rotary_kernel[(T, 2)](q, k, positions, inv, q.stride(0), q.stride(1), k.stride(0),
+                           k.stride(1), HQ=hq, HKV=hkv, BLOCK_HQ=block_hq,
+                           BLOCK_HKV=triton.next_power_of_2(hkv), ROT=rotary_dim,
+                           BLOCK_ROT=block_rot,
+                           num_warps=max(1, min(8, block_hq * block_rot // 1024)))
     return q, k

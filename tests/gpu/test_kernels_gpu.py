@@ -1,0 +1,232 @@
+"""Triton kernels vs their torch references on a CUDA GPU, at realistic shapes (fp16/bf16).
+
+Skips without CUDA. Run on the lent H100:
+
+    python3 -m pytest -q tests/gpu/test_kernels_gpu.py
+
+Errors are ||out - ref|| / ||ref|| against the references run on the same GPU (fp32 softmax /
+statistics inside the references), with bounds from the dtype: fp16 ~1e-3, bf16 ~1e-2.
+"""
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+if torch.cuda.is_available():
+    pytest.importorskip('triton')
+    from lmdeploy.turbomind import kernels
+    from lmdeploy.turbomind.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
+    from lmdeploy.turbomind.kernels.paged_attention import (paged_attention_ref,
+                                                            paged_attention_triton)
+    from lmdeploy.turbomind.kernels.rms_norm import rms_norm_ref, rms_norm_triton
+    from lmdeploy.turbomind.kernels.rotary import rotary_embedding_ref, rotary_embedding_triton
+    from lmdeploy.turbomind.kernels.store_kv import store_kv_ref, store_kv_triton
+    from lmdeploy.turbomind.step_input import RowPlan, build_step_input
+
+DTYPES = [torch.float16, torch.bfloat16]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2, torch.float32: 1e-5}
+DEV = 'cuda'
+
+
+def rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    assert torch.isfinite(out).all(), 'non-finite output'
+    return float((out - ref).norm() / ref.norm())
+
+
+def gen(seed):
+    return torch.Generator(device=DEV).manual_seed(seed)
+
+
+def test_select_picks_triton_on_cuda(monkeypatch):
+    monkeypatch.delenv('LMDEPLOY_KERNELS', raising=False)
+    k = kernels.select('cuda')
+    assert set(k.impl.values()) == {'triton'}, k
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('T', [1, 64, 1000])
+@pytest.mark.parametrize('residual', [False, True])
+def test_rms_norm(dtype, T, residual):
+    g = gen(T)
+    H = 4096
+    x = torch.randn(T, H, device=DEV, generator=g).to(dtype)
+    w = (1 + 0.1 * torch.randn(H, device=DEV, generator=g)).to(dtype)
+    if residual:
+        r = torch.randn(T, H, device=DEV, generator=g).to(dtype)
+        o, nr = rms_norm_triton(x, w, 1e-5, r)
+        ro, rnr = rms_norm_ref(x, w, 1e-5, r)
+        assert torch.equal(nr, rnr)
+    else:
+        o, ro = rms_norm_triton(x, w, 1e-5), rms_norm_ref(x, w, 1e-5)
+    assert o.dtype == ro.dtype
+    assert rel_err(o, ro) < TOL[dtype] / 2
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('T', [1, 77, 2048])
+def test_silu_and_mul(dtype, T):
+    x = (torch.randn(T, 2 * 11008, device=DEV, generator=gen(T)) * 3).to(dtype)
+    assert rel_err(silu_and_mul_triton(x), silu_and_mul_ref(x)) < TOL[dtype] / 2
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('hq,hkv,D,rotary_dim,theta', [(32, 32, 128, 128, 1e4),
+                                                       (32, 8, 128, 128, 5e5),
+                                                       (16, 4, 96, 64, 1e4)])
+def test_rotary(dtype, hq, hkv, D, rotary_dim, theta):
+    T = 300
+    g = gen(hq + hkv)
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=DEV, generator=g).to(dtype)
+    q, k, _ = qkv.split([hq * D, hkv * D, hkv * D], dim=-1)
+    q, k = q.reshape(T, hq, D), k.reshape(T, hkv, D)  # strided views, as in llama.py
+    pos = torch.randint(0, 8192, (T,), device=DEV, generator=g)
+    rq, rk = rotary_embedding_ref(q.clone(), k.clone(), pos, rotary_dim, theta)
+    before = qkv.clone()
+    oq, ok = rotary_embedding_triton(q, k, pos, rotary_dim, theta)
+    assert oq.data_ptr() == q.data_ptr() and ok.data_ptr() == k.data_ptr()
+    assert rel_err(oq, rq) < TOL[dtype] / 2 and rel_err(ok, rk) < TOL[dtype] / 2
+    assert torch.equal(qkv[:, (hq + hkv) * D:], before[:, (hq + hkv) * D:])  # v untouched
+    assert torch.equal(oq[..., rotary_dim:], before[:, :hq * D].view(T, hq, D)[..., rotary_dim:])
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('page,hkv', [(64, 32), (16, 8), (64, 8)])
+def test_store_kv(dtype, page, hkv):
+    T, D, nb = 513, 128, 64
+    g = gen(page + hkv)
+    kv = torch.randn(T, 2 * hkv * D, device=DEV, generator=g).to(dtype)
+    k, v = kv[:, :hkv * D].view(T, hkv, D), kv[:, hkv * D:].view(T, hkv, D)
+    slots = torch.randperm(nb * page, device=DEV, generator=g)[:T]
+    slots[::7] = -1
+    kc = torch.randn(nb, page, hkv, D, device=DEV, generator=g).to(dtype)
+    vc = torch.randn(nb, page, hkv, D, device=DEV, generator=g).to(dtype)
+    kc2, vc2 = kc.clone(), vc.clone()
+    store_kv_ref(k, v, kc, vc, slots)
+    store_kv_triton(k, v, kc2, vc2, slots)
+    assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def make_attention(rows, hq, hkv, D, page, dtype, seed, extra_blocks=8):
+    """rows: [(num_cached, q_len)]; blocks scattered at random over the pool."""
+    g = gen(seed)
+    need = [-(-(c + n) // page) for c, n in rows]
+    nb = sum(need) + extra_blocks
+    perm = torch.randperm(nb, generator=torch.Generator().manual_seed(seed)).tolist()
+    plans, i = [], 0
+    for (c, n), k in zip(rows, need):
+        plans.append(RowPlan(tokens=[1] * n, num_cached=c, block_ids=perm[i:i + k]))
+        i += k
+    step = build_step_input(plans, page, device=DEV)
+    T = step.num_tokens
+    q = torch.randn(T, hq, D, device=DEV, generator=g).to(dtype)
+    kc = torch.randn(nb, page, hkv, D, device=DEV, generator=g).to(dtype)
+    vc = torch.randn(nb, page, hkv, D, device=DEV, generator=g).to(dtype)
+    return (q, kc, vc, step.block_table, step.cu_seqlens, step.kv_lens, D ** -0.5,
+            step.max_q_len, step.max_kv_len)
+
+
+def check_attention(args, dtype, **kw):
+    ref = paged_attention_ref(*args)
+    out = paged_attention_triton(*args, **kw)
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f'rel err {err:.2e}'
+    return err
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('hkv', [32, 8])
+def test_decode_7b_shape(dtype, hkv):
+    """Batch 64, context 4096, 32 query heads, head_dim 128, block 64 (MHA and GQA 8)."""
+    args = make_attention([(4095, 1)] * 64, 32, hkv, 128, 64, dtype, seed=hkv)
+    check_attention(args, dtype)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('splits', [None, 1, 7])
+def test_decode_varied_lengths(dtype, splits):
+    g = torch.Generator().manual_seed(3)
+    lens = torch.randint(1, 3000, (37,), generator=g).tolist()
+    args = make_attention([(n - 1, 1) for n in lens], 32, 8, 128, 16, dtype, seed=5)
+    check_attention(args, dtype, num_splits=splits)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('hq,hkv,page', [(32, 32, 64), (32, 8, 16), (28, 4, 64)])
+def test_mixed_decode_and_prefill(dtype, hq, hkv, page):
+    rows = [(100, 1), (2047, 1), (0, 1), (517, 1),      # decode rows
+            (0, 300), (1000, 129), (63, 64), (5, 1)]     # whole prompt, chunks on a prefix
+    args = make_attention(rows, hq, hkv, 128, page, dtype, seed=hq + hkv + page)
+    check_attention(args, dtype)
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_long_prefill(dtype):
+    args = make_attention([(1000, 2048)], 32, 8, 128, 64, dtype, seed=11)
+    check_attention(args, dtype)
+
+
+@pytest.mark.parametrize('D', [64, 80])
+def test_other_head_dims(D):
+    args = make_attention([(50, 1), (200, 1), (30, 40)], 8, 2, D, 16, torch.float16, seed=D)
+    check_attention(args, torch.float16)
+    args = make_attention([(50, 1), (200, 1)], 8, 2, D, 16, torch.float16, seed=D + 1)
+    check_attention(args, torch.float16)
+
+
+def test_decode_cuda_graph_replay():
+    """Captured once with a max_kv_len hint, replayed for other kv_lens: no host syncs."""
+    dtype, B, hq, hkv, D, page, max_len = torch.float16, 16, 32, 8, 128, 64, 2048
+    args = list(make_attention([(max_len - 1, 1)] * B, hq, hkv, D, page, dtype, seed=21))
+    q, kc, vc, bt, cu, kv_lens = args[:6]
+    lens_buf = kv_lens.clone()
+    fn = lambda: paged_attention_triton(q, kc, vc, bt, cu, lens_buf, D ** -0.5, 1, max_len)  # noqa
+    fn()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    for trial in range(3):
+        new = torch.randint(1, max_len + 1, (B,), device=DEV, generator=gen(trial),
+                            dtype=torch.int32)
+        lens_buf.copy_(new)
+        graph.replay()
+        ref = paged_attention_ref(q, kc, vc, bt, cu, lens_buf, D ** -0.5)
+        assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_layer_ops_cuda_graph():
+    """rms_norm + rotary + store_kv + silu_and_mul capture in a graph and match eager."""
+    T, H, hq, hkv, D, page = 8, 4096, 32, 8, 128, 16
+    g = gen(7)
+    x = torch.randn(T, H, device=DEV, generator=g).half()
+    r = torch.randn(T, H, device=DEV, generator=g).half()
+    w = torch.ones(H, device=DEV).half()
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=DEV, generator=g).half()
+    pos = torch.arange(T, device=DEV) + 100
+    kc = torch.zeros(4, page, hkv, D, device=DEV).half()
+    vc = torch.zeros_like(kc)
+    slots = torch.arange(T, device=DEV) + 5
+    gu = torch.randn(T, 2 * 1024, device=DEV, generator=g).half()
+
+    def step(qkv_in):
+        o, nr = rms_norm_triton(x, w, 1e-5, r)
+        q, k, v = qkv_in.split([hq * D, hkv * D, hkv * D], dim=-1)
+        q, k = rotary_embedding_triton(q.view(T, hq, D), k.view(T, hkv, D), pos, D, 1e4)
+        store_kv_triton(k, v.view(T, hkv, D), kc, vc, slots)
+        return o, nr, q, silu_and_mul_triton(gu)
+
+    eager = [t.clone() for t in step(qkv.clone())]
+    kc_e, vc_e = kc.clone(), vc.clone()
+    buf = qkv.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(buf)
+    buf.copy_(qkv)
+    kc.zero_()
+    vc.zero_()
+    graph.replay()
+    for a, b in zip(outs, eager):
+        assert torch.equal(a, b)
+    assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)

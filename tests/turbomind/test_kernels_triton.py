@@ -1,0 +1,239 @@
+"""Triton kernels vs their torch references, on CPU through Triton's interpreter.
+
+The interpreter must be switched on (TRITON_INTERPRET=1) before any Triton kernel is defined,
+so the checks run in ONE subprocess (this file run as a script) and the parametrised tests
+below read its per-case verdicts: other test modules keep the normal (compiled) Triton state.
+Shapes are small: the interpreter runs every program in numpy. It computes bf16 ``tl.dot``
+wrongly, so attention is checked in fp32 and fp16 only; the element-wise kernels in bf16 too
+(with tolerances: the interpreter rounds fp32 -> bf16 by truncation, the GPU to nearest).
+
+    PYTHONPATH=. TRITON_INTERPRET=1 python tests/turbomind/test_kernels_triton.py [case ...]
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name -> parameters; pure data so pytest can collect without importing triton.
+# attention rows: (num_cached, q_len); q_len 1 rows first are decode rows.
+CASES = {}
+
+
+def _case(name, **kw):
+    CASES[name] = kw
+
+
+for dt in ('float32', 'float16', 'bfloat16'):
+    _case(f'rms_norm-{dt}', op='rms_norm', T=5, H=48, dtype=dt)
+    _case(f'rms_norm-res-{dt}', op='rms_norm', T=5, H=100, dtype=dt, residual=True)
+    _case(f'silu_and_mul-{dt}', op='silu_and_mul', T=4, I=40, dtype=dt)
+    _case(f'rotary-{dt}', op='rotary', T=6, hq=4, hkv=2, D=32, rotary_dim=32, theta=1e4,
+          dtype=dt)
+    _case(f'store_kv-{dt}', op='store_kv', T=7, hkv=2, D=32, page=4, dtype=dt)
+_case('rms_norm-wide', op='rms_norm', T=3, H=4096, dtype='float32', residual=True)
+_case('silu_and_mul-multiblock', op='silu_and_mul', T=2, I=2500, dtype='float32')
+_case('rotary-partial-gqa4', op='rotary', T=5, hq=8, hkv=2, D=24, rotary_dim=16, theta=5e5,
+      dtype='float32')
+_case('rotary-d128-strided', op='rotary', T=3, hq=4, hkv=4, D=128, rotary_dim=128, theta=1e4,
+      dtype='float32', fused=True)
+_case('store_kv-strided-page16', op='store_kv', T=9, hkv=4, D=16, page=16, dtype='float32',
+      fused=True)
+_case('store_kv-d128', op='store_kv', T=4, hkv=1, D=128, page=16, dtype='float16')
+
+for D, hq, hkv, page in ((16, 4, 4, 4), (32, 4, 2, 16), (128, 4, 1, 16), (32, 8, 2, 4)):
+    g = hq // hkv
+    _case(f'attn-decode-D{D}-g{g}-p{page}', op='attn', D=D, hq=hq, hkv=hkv, page=page,
+          rows=[(0, 1), (6, 1), (37, 1)], dtype='float32')
+    _case(f'attn-mixed-D{D}-g{g}-p{page}', op='attn', D=D, hq=hq, hkv=hkv, page=page,
+          rows=[(10, 1), (33, 1), (0, 7), (5, 6), (13, 20)], dtype='float32')
+_case('attn-decode-split3', op='attn', D=32, hq=4, hkv=2, page=4, rows=[(40, 1), (3, 1), (70, 1)],
+      dtype='float32', num_splits=3)
+_case('attn-decode-split-auto-long', op='attn', D=16, hq=2, hkv=1, page=16,
+      rows=[(300, 1), (17, 1)], dtype='float32')
+_case('attn-decode-nodot', op='attn', D=32, hq=4, hkv=1, page=4, rows=[(9, 1), (50, 1)],
+      dtype='float32', num_splits=2, decode_cfg=dict(use_dot=False, BLOCK_N=16))
+_case('attn-decode-blockn-lt-page', op='attn', D=16, hq=2, hkv=2, page=16,
+      rows=[(40, 1), (1, 1)], dtype='float32', decode_cfg=dict(BLOCK_N=8))
+_case('attn-prefill-only', op='attn', D=32, hq=4, hkv=2, page=16, rows=[(0, 37)],
+      dtype='float32')
+_case('attn-prefill-prefix-unaligned', op='attn', D=32, hq=4, hkv=4, page=16,
+      rows=[(19, 23), (3, 2)], dtype='float32', prefill_cfg=dict(BLOCK_M=16, BLOCK_N=16))
+_case('attn-prefill-g8', op='attn', D=16, hq=8, hkv=1, page=4, rows=[(2, 1), (5, 9)],
+      dtype='float32')
+_case('attn-mixed-split3-unordered', op='attn', D=32, hq=4, hkv=2, page=4,
+      rows=[(0, 5), (40, 1), (9, 3), (0, 1), (70, 1)], dtype='float32', num_splits=3)
+_case('attn-decode-fp16', op='attn', D=32, hq=4, hkv=2, page=16, rows=[(20, 1), (45, 1)],
+      dtype='float16', num_splits=2)
+_case('attn-mixed-fp16', op='attn', D=32, hq=4, hkv=2, page=4, rows=[(20, 1), (7, 12)],
+      dtype='float16')
+
+
+# ----------------------------------------------------------------------------- the checks
+def _rel_err(out, ref):
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _tol(dtype_name):
+    return {'float32': 1e-5, 'float16': 2e-3, 'bfloat16': 1.5e-2}[dtype_name]
+
+
+def run_case(name):
+    """Returns (ok, message). Runs in the interpreter subprocess."""
+    import torch
+
+    from lmdeploy.turbomind.kernels import activation, paged_attention, rms_norm, rotary, store_kv
+    from lmdeploy.turbomind.step_input import RowPlan, build_step_input
+
+    class K:  # every op's reference and Triton kernel
+        pass
+    for mod in (activation, paged_attention, rms_norm, rotary, store_kv):
+        for attr in dir(mod):
+            if attr.endswith(('_ref', '_triton')):
+                setattr(K, attr, getattr(mod, attr))
+
+    p = CASES[name]
+    dtype = getattr(torch, p['dtype'])
+    g = torch.Generator().manual_seed(hash(name) % (2 ** 31))
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    op = p['op']
+    if op == 'rms_norm':
+        x, w = rnd(p['T'], p['H']), (1 + 0.1 * torch.randn(p['H'], generator=g)).to(dtype)
+        if p.get('residual'):
+            r = rnd(p['T'], p['H'])
+            o, nr = K.rms_norm_triton(x, w, 1e-6, r)
+            ro, rnr = K.rms_norm_ref(x, w, 1e-6, r)
+            err = max(_rel_err(o, ro), _rel_err(nr, rnr))
+            # the interpreter casts fp32 -> bf16 by truncation (the GPU rounds), so the new
+            # residual is bit-exact only for fp32/fp16 here
+            ok = o.dtype == ro.dtype and (dtype == torch.bfloat16 or torch.equal(nr, rnr))
+        else:
+            o, ro = K.rms_norm_triton(x, w, 1e-6), K.rms_norm_ref(x, w, 1e-6)
+            err, ok = _rel_err(o, ro), o.dtype == ro.dtype
+    elif op == 'silu_and_mul':
+        x = rnd(p['T'], 2 * p['I'], scale=3.0)
+        o, ro = K.silu_and_mul_triton(x), K.silu_and_mul_ref(x)
+        err, ok = _rel_err(o, ro), o.shape == ro.shape
+    elif op == 'rotary':
+        T, hq, hkv, D = p['T'], p['hq'], p['hkv'], p['D']
+        pos = torch.randint(0, 5000, (T,), generator=g)
+        if p.get('fused'):  # q, k as column slices of a fused qkv output
+            qkv = rnd(T, (hq + 2 * hkv) * D)
+            q, k, _ = qkv.split([hq * D, hkv * D, hkv * D], dim=-1)
+            q, k = q.reshape(T, hq, D), k.reshape(T, hkv, D)
+        else:
+            q, k = rnd(T, hq, D), rnd(T, hkv, D)
+        rq, rk = K.rotary_embedding_ref(q.clone(), k.clone(), pos, p['rotary_dim'], p['theta'])
+        q_ptr = q.data_ptr()
+        oq, ok_ = K.rotary_embedding_triton(q, k, pos, p['rotary_dim'], p['theta'])
+        err = max(_rel_err(oq, rq), _rel_err(ok_, rk))
+        ok = oq.data_ptr() == q_ptr
+    elif op == 'store_kv':
+        T, hkv, D, page = p['T'], p['hkv'], p['D'], p['page']
+        nb = 8
+        if p.get('fused'):
+            kv = rnd(T, 3 * hkv * D)
+            k, v = kv[:, hkv * D:2 * hkv * D].view(T, hkv, D), kv[:, 2 * hkv * D:].view(T, hkv, D)
+        else:
+            k, v = rnd(T, hkv, D), rnd(T, hkv, D)
+        slots = torch.randperm(nb * page, generator=g)[:T]
+        slots[1] = -1
+        kc, vc = rnd(nb, page, hkv, D), rnd(nb, page, hkv, D)
+        kc2, vc2 = kc.clone(), vc.clone()
+        K.store_kv_ref(k, v, kc, vc, slots)
+        K.store_kv_triton(k, v, kc2, vc2, slots)
+        ok = torch.equal(kc, kc2) and torch.equal(vc, vc2)
+        err = 0.0 if ok else 1.0
+    elif op == 'attn':
+        D, hq, hkv, page = p['D'], p['hq'], p['hkv'], p['page']
+        rows = p['rows']
+        need = [-(-(c + n) // page) for c, n in rows]
+        nb = sum(need) + 3
+        perm = torch.randperm(nb, generator=g).tolist()
+        plans, i = [], 0
+        for (c, n), nblk in zip(rows, need):
+            plans.append(RowPlan(tokens=[1] * n, num_cached=c, block_ids=perm[i:i + nblk]))
+            i += nblk
+        step = build_step_input(plans, page)
+        T = step.num_tokens
+        q = rnd(T, hq, D)
+        kc, vc = rnd(nb, page, hkv, D), rnd(nb, page, hkv, D)
+        scale = D ** -0.5
+        args = (q, kc, vc, step.block_table, step.cu_seqlens, step.kv_lens, scale,
+                step.max_q_len, step.max_kv_len)
+        ro = K.paged_attention_ref(*args)
+        o = K.paged_attention_triton(*args, num_splits=p.get('num_splits'),
+                                   decode_cfg=p.get('decode_cfg'),
+                                   prefill_cfg=p.get('prefill_cfg'))
+        err = _rel_err(o, ro)
+        ok = bool(torch.isfinite(o).all())
+        # same result without the hints (the kernels derive bounds from shapes)
+        o2 = K.paged_attention_triton(*args[:7], num_splits=p.get('num_splits'),
+                                    decode_cfg=p.get('decode_cfg'),
+                                    prefill_cfg=p.get('prefill_cfg'))
+        err = max(err, _rel_err(o2, ro))
+    else:
+        raise ValueError(op)
+    tol = _tol(p['dtype'])
+    ok = bool(ok) and err <= tol
+    return ok, f'rel_err={err:.2e} tol={tol:.0e}'
+
+
+def _main(names):
+    assert os.environ.get('TRITON_INTERPRET') == '1', 'run with TRITON_INTERPRET=1'
+    for name in names:
+        t0 = time.time()
+        try:
+            ok, msg = run_case(name)
+        except Exception as e:  # report, keep going
+            import traceback
+            ok, msg = False, f'{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}'
+        print(json.dumps({'case': name, 'ok': ok, 'msg': msg,
+                          'seconds': round(time.time() - t0, 2)}), flush=True)
+
+
+# ----------------------------------------------------------------------------- pytest side
+@pytest.fixture(scope='module')
+def interp_results():
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=ROOT + os.pathsep
+               + os.environ.get('PYTHONPATH', ''))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith('{'):
+            r = json.loads(line)
+            results[r['case']] = r
+    if not results:
+        pytest.fail(f'interpreter subprocess produced nothing (rc {proc.returncode}):\n'
+                    f'{proc.stderr[-4000:]}')
+    return results
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_triton_kernel_matches_reference(interp_results, case):
+    r = interp_results.get(case)
+    assert r is not None, f'{case}: no result (subprocess died?)'
+    assert r['ok'], f"{case}: {r['msg']}"
+
+
+def test_every_op_exports_triton():
+    pytest.importorskip('triton')
+    from lmdeploy.turbomind import kernels
+    for op, module in kernels.OPS.items():
+        mod = importlib.import_module(f'lmdeploy.turbomind.kernels.{module}')
+        assert callable(getattr(mod, f'{op}_triton', None)), f'{module}.py lacks {op}_triton'
+
+
+if __name__ == '__main__':
+    _main(sys.argv[1:] or list(CASES))
