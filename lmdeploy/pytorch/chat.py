@@ -1,0 +1,482 @@
+"""Chat in the terminal with a Hugging Face checkpoint on plain PyTorch (transformers).
+
+    python -m lmdeploy.pytorch.chat MODEL_PATH [--tokenizer_path PATH] [--model_name NAME]
+        [--max_new_tokens 64] [--temperature 0.8] [--top_p 0.95] [--top_k 0] [--seed 0]
+        [--repetition_penalty 1.0] [--device auto|cpu|cuda] [--dtype auto|fp16|bf16|fp32]
+        [--use_fast_tokenizer True] [--trust_remote_code True]
+
+    deepspeed --module --num_gpus 2 lmdeploy.pytorch.chat MODEL_PATH ...   # tensor parallel
+    torchrun --nproc_per_node 2 -m lmdeploy.pytorch.chat MODEL_PATH ...     # the same
+
+At the prompt (`double enter to end input >>>`) type lines and an empty line to send them.
+`exit` quits, `end` starts a new conversation, `config set key=value ...` changes a sampling
+setting (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed), `config` shows them.
+"""
+
+import inspect
+import json
+import os
+import os.path as osp
+import sys
+from typing import List, Optional, Sequence
+
+from .console import read_prompt
+from .parallel import Ranks
+
+
+class CliError(Exception):
+    """A one-line error for the user; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+DTYPES = {'fp16': 'float16', 'float16': 'float16', 'half': 'float16', 'bf16': 'bfloat16',
+          'bfloat16': 'bfloat16', 'fp32': 'float32', 'float32': 'float32', 'float': 'float32'}
+# Templates meant for chat fine-tunes only: a name match needs 'chat' or 'instruct' too.
+_CHAT_ONLY = ('llama2', 'llama3')
+
+
+def main(model_path: str,
+         tokenizer_path: Optional[str] = None,
+         max_new_tokens: int = 64,
+         temperature: float = 0.8,
+         top_p: float = 0.95,
+         seed: int = 0,
+         use_fast_tokenizer: bool = True,
+         model_name: Optional[str] = None,
+         top_k: int = 0,
+         repetition_penalty: float = 1.0,
+         device: str = 'auto',
+         dtype: str = 'auto',
+         trust_remote_code: bool = True,
+         temperture: Optional[float] = None):
+    """Chat with a Hugging Face causal LM in the terminal.
+
+    Args:
+        model_path: Hugging Face model folder (config.json and weights) or hub id.
+        tokenizer_path: tokenizer folder or `tokenizer.model` file; default model_path.
+        max_new_tokens: the most tokens a reply may have.
+        temperature: sampling temperature; 0 is greedy decoding.
+        top_p: nucleus sampling threshold in (0, 1].
+        seed: random seed of the sampler.
+        use_fast_tokenizer: False asks transformers for a slow tokenizer (HF tokenizers only).
+        model_name: chat template name from lmdeploy.model; default: the tokenizer config's
+            chat_template if any, else a name found in the model path, else 'llama' (no template).
+        top_k: sample from the k most likely tokens (0: off, 1: greedy).
+        repetition_penalty: > 1 discourages tokens already in the conversation.
+        device: 'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'.
+        dtype: 'auto' (fp32 on CPU; the checkpoint's fp16/bf16, else fp16, on GPU), 'fp16',
+            'bf16' or 'fp32'.
+        trust_remote_code: allow custom model code shipped with the checkpoint.
+        temperture: alias of temperature (the spelling in LMDeploy v0.0.2's README).
+    """
+    try:
+        code = _run(**locals())
+    except CliError as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        code = e.code
+    except KeyboardInterrupt:
+        print('', flush=True)
+        code = 130
+    sys.exit(code)
+
+
+# ------------------------------------------------------------------------------------------
+# Command-line checks, before anything heavy is imported.
+
+
+def known_flags() -> List[str]:
+    return [p for p in inspect.signature(main).parameters]
+
+
+def check_argv(argv: Sequence[str]) -> None:
+    """Reject unknown flags and a missing MODEL_PATH before the model loads (fire itself would
+    only complain about unused arguments after the chat ends)."""
+    names = known_flags()
+    positionals = 0
+    has_model_path = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == '--':  # fire's own flags follow
+            break
+        if arg in ('-h', '--help'):
+            return
+        if not arg.startswith('--') or len(arg) == 2:
+            positionals += 1
+            continue
+        name, has_value = arg[2:], False
+        if '=' in name:
+            name, has_value = name.split('=', 1)[0], True
+        name = name.replace('-', '_')
+        if name not in names and name.startswith('no') and name[2:] in names:
+            name, has_value = name[2:], True
+        if name not in names:
+            raise CliError(f'unknown flag --{name}; known flags: '
+                           + ', '.join(f'--{n}' for n in names if n != 'model_path'))
+        if name == 'model_path':
+            has_model_path = True
+        if not has_value and i < len(argv) and not argv[i].startswith('--'):
+            i += 1  # the flag's value
+    if not positionals and not has_model_path:
+        raise CliError('missing MODEL_PATH; usage: python -m lmdeploy.pytorch.chat MODEL_PATH [--flags]')
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def _resolve_settings(args: dict):
+    from .session import ConfigError, GenerationSettings, check_setting
+    temperature = args['temperature']
+    if args['temperture'] is not None:
+        if temperature != 0.8 and temperature != args['temperture']:
+            raise CliError('--temperture is an alias of --temperature; give only one of them')
+        temperature = args['temperture']
+    values = dict(max_new_tokens=args['max_new_tokens'], temperature=temperature, top_p=args['top_p'],
+                  top_k=args['top_k'], repetition_penalty=args['repetition_penalty'], seed=args['seed'])
+    try:
+        return GenerationSettings(**{k: check_setting(k, v) for k, v in values.items()})
+    except ConfigError as e:
+        raise CliError(f'--{e}') from None
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    parts = path.split('/')
+    return (len(parts) == 2 and all(parts) and not path.startswith(('.', '~'))
+            and not any(p in ('.', '..') for p in parts))
+
+
+def _check_model_path(model_path: str) -> str:
+    if not isinstance(model_path, str) or not model_path:
+        raise CliError(f'MODEL_PATH must be a path, got {model_path!r}')
+    path = osp.expanduser(model_path)
+    if osp.isdir(path):
+        if not osp.isfile(osp.join(path, 'config.json')):
+            raise CliError(f'{model_path} is not a Hugging Face model folder (no config.json)')
+        return path
+    if osp.exists(path):
+        raise CliError(f'{model_path} is a file; MODEL_PATH must be a Hugging Face model folder')
+    if not _looks_like_hub_id(model_path):
+        raise CliError(f'model path not found: {model_path}')
+    # A hub id ('org/name'): fetch (or find in the local cache) a snapshot, so that the model
+    # and the tokenizer wrapper both read one local folder.
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(model_path)
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, ...: one line
+        raise CliError(f'model path not found: {model_path} (not a local folder, and the Hugging Face Hub '
+                       f'gave {_one_line(e)})', code=1) from None
+
+
+def _pick_device(device: str):
+    import torch
+    name = str(device).strip().lower()
+    if name == 'auto':
+        name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise CliError(f'--device {device}: CUDA is not available on this machine (try --device cpu)')
+    elif name != 'cpu':
+        raise CliError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    try:
+        return torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CliError(f'--device: bad device {device!r}') from None
+
+
+def _pick_dtype(dtype: str, device, model_dtype):
+    import torch
+    name = str(dtype).strip().lower()
+    if name == 'auto':
+        if device.type == 'cpu':
+            return torch.float32
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
+    if name not in DTYPES:
+        raise CliError(f"--dtype must be one of auto, fp16, bf16, fp32, got {dtype!r}")
+    return getattr(torch, DTYPES[name])
+
+
+def _config_dtype(model_path: str):
+    import torch
+    try:
+        with open(osp.join(model_path, 'config.json'), encoding='utf-8') as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    name = cfg.get('dtype') or cfg.get('torch_dtype')
+    return getattr(torch, name, None) if isinstance(name, str) else None
+
+
+def detect_model_name(model_path: str, config=None) -> Optional[str]:
+    """The registered template whose name appears in the model's path or hub name, if any."""
+    from lmdeploy.model import MODELS
+    texts = [osp.basename(osp.normpath(osp.abspath(model_path))) if osp.exists(model_path) else model_path]
+    name_or_path = getattr(config, '_name_or_path', None) or getattr(config, 'name_or_path', None)
+    if name_or_path:
+        texts.append(str(name_or_path))
+
+    def squash(s: str) -> str:
+        return s.lower().replace('-', '').replace('_', '').replace('.', '')
+
+    for text in texts:
+        flat = squash(osp.basename(text.rstrip('/')) or text)
+        for name in sorted(MODELS.names(), key=len, reverse=True):
+            if squash(name) in flat:
+                if name in _CHAT_ONLY and 'chat' not in flat and 'instruct' not in flat:
+                    continue
+                return name
+    model_type = getattr(config, 'model_type', None)
+    if model_type and model_type != 'llama' and model_type in MODELS:
+        return model_type
+    return None
+
+
+def tokenizer_class():
+    """`lmdeploy.turbomind.tokenizer.Tokenizer`, also where the TurboMind extension is missing.
+
+    Importing the module runs `lmdeploy/turbomind/__init__.py`, which loads the engine and its
+    compiled extension. The tokenizer module itself needs only the standard library,
+    sentencepiece and transformers (it is copied into workspaces as it is), so without a built
+    engine it is loaded from its file.
+    """
+    try:
+        from lmdeploy.turbomind.tokenizer import Tokenizer
+        return Tokenizer
+    except ImportError:
+        import importlib.util
+        name = 'lmdeploy_pytorch_tokenizer'
+        module = sys.modules.get(name)
+        if module is None:
+            path = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'turbomind', 'tokenizer.py')
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        return module.Tokenizer
+
+
+def _load_tokenizer(path: str, use_fast: bool):
+    Tokenizer = tokenizer_class()
+    try:
+        tokenizer = Tokenizer(path)
+    except Exception as e:  # noqa: BLE001 - any loader failure is reported in one line
+        raise CliError(f'cannot load the tokenizer from {path}: {_one_line(e)}', code=1) from None
+    if not use_fast and tokenizer.backend == 'hf':
+        # The wrapper asks transformers for its default (fast) tokenizer; swap in the slow one.
+        try:
+            from transformers import AutoTokenizer
+            slow = AutoTokenizer.from_pretrained(tokenizer.model.model_dir, use_fast=False,
+                                                 trust_remote_code=True)
+            tokenizer.model.model = slow
+            tokenizer.model._detok_options = None
+        except Exception as e:  # noqa: BLE001
+            print(f'note: no slow tokenizer ({_one_line(e)}); using the fast one', file=sys.stderr)
+    return tokenizer
+
+
+def _tokenizer_size(tokenizer) -> Optional[int]:
+    """How many ids the tokenizer can decode (HF: with its added tokens)."""
+    try:
+        if tokenizer.backend == 'hf':
+            return len(tokenizer.model.model)
+        return int(tokenizer.vocab_size)
+    except Exception:  # noqa: BLE001 - no limit rather than no chat
+        return None
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0].strip() if text else ''
+    return f'{type(e).__name__}: {first}' if first else type(e).__name__
+
+
+def _load_model(model_path: str, torch_dtype, trust_remote_code: bool):
+    import logging
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger('transformers').setLevel(logging.ERROR)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
+                                                     trust_remote_code=bool(trust_remote_code))
+    except Exception as e:  # noqa: BLE001 - one line instead of a traceback
+        raise CliError(f'cannot load the model from {model_path}: {_one_line(e)}', code=1) from None
+    return model.eval()
+
+
+def _stop_ids(tokenizer, model, conversation) -> List[int]:
+    ids = set(conversation.stop_ids())
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, 'generation_config', None)
+    eos = getattr(gen_cfg, 'eos_token_id', None)
+    if eos is not None:
+        ids.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    return sorted(ids)
+
+
+def _conversation(args: dict, tokenizer, config):
+    from lmdeploy.model import UnknownModelError, get_template
+
+    from .session import HFTemplateConversation, RegistryConversation
+    name = args['model_name']
+    if name is not None:
+        try:
+            return RegistryConversation(get_template(str(name)), tokenizer, str(name)), '--model_name'
+        except UnknownModelError as e:
+            raise CliError(f'--model_name: {e}') from None
+    hf = getattr(tokenizer.model, 'model', None) if tokenizer.backend == 'hf' else None
+    if getattr(hf, 'chat_template', None):
+        return HFTemplateConversation(hf), 'from the tokenizer config'
+    detected = detect_model_name(args['model_path'], config)
+    if detected:
+        return RegistryConversation(get_template(detected), tokenizer, detected), 'detected from the model'
+    return RegistryConversation(get_template('llama'), tokenizer, 'llama'), 'default: no template'
+
+
+def _setup_ranks(device_type: str) -> Ranks:
+    from . import parallel
+    ranks = parallel.ranks_from_env()
+    if ranks.world_size == 1:
+        return ranks
+    if not parallel.deepspeed_available():
+        if ranks.rank != 0:
+            sys.exit(0)  # rank 0 runs the whole model alone
+        parallel.notice(f'deepspeed is not installed: running one process on the whole model '
+                        f'instead of {ranks.world_size}-way tensor parallelism '
+                        f'(pip install -r requirements/deepspeed.txt)')
+        return Ranks()
+    parallel.init_process_group(ranks, device_type)
+    return ranks
+
+
+def _run(**args) -> int:
+    settings = _resolve_settings(args)
+    model_path = _check_model_path(args['model_path'])
+    tokenizer_path = args['tokenizer_path'] if args['tokenizer_path'] is not None else model_path
+    tokenizer_path = osp.expanduser(str(tokenizer_path))
+    if not osp.exists(tokenizer_path):
+        raise CliError(f'tokenizer path not found: {tokenizer_path}')
+    if args['model_name'] is not None:
+        from lmdeploy.model import MODELS
+        if str(args['model_name']) not in MODELS:
+            raise CliError(f'--model_name: unknown chat template {args["model_name"]!r}; known: '
+                           + ', '.join(MODELS.names()))
+    if str(args['dtype']).strip().lower() not in DTYPES and str(args['dtype']).strip().lower() != 'auto':
+        raise CliError(f"--dtype must be one of auto, fp16, bf16, fp32, got {args['dtype']!r}")
+
+    import torch
+    device = _pick_device(args['device'])
+    torch_dtype = _pick_dtype(args['dtype'], device, _config_dtype(model_path) if osp.isdir(model_path) else None)
+    ranks = _setup_ranks(device.type)
+    if ranks.distributed and device.type == 'cuda':
+        device = torch.device('cuda', ranks.local_rank)
+    torch.manual_seed(settings.seed)
+
+    from . import parallel
+    from .session import ChatSession
+    tokenizer = _load_tokenizer(tokenizer_path, bool(args['use_fast_tokenizer']))
+    model = _load_model(model_path, torch_dtype, args['trust_remote_code'])
+    conversation, source = _conversation(args, tokenizer, model.config)
+    if ranks.distributed:
+        # Shard while the weights are still in host memory: no GPU ever holds the whole model.
+        model = parallel.shard_model(model, ranks, torch_dtype)
+    model = model.to(device)
+    max_length = getattr(model.config, 'max_position_embeddings', None)
+    session = ChatSession(model, tokenizer, conversation, _stop_ids(tokenizer, model, conversation), settings,
+                          max_length=max_length, sync_token=parallel.token_syncer(ranks, device),
+                          vocab_limit=_tokenizer_size(tokenizer))
+    say = _printer(ranks)
+    dtype_name = str(torch_dtype).replace('torch.', '')
+    say(f'chat template: {conversation.describe()} ({source}); device {device}, {dtype_name}, '
+        f'tensor parallel {ranks.world_size}')
+    try:
+        return _loop(session, ranks, say)
+    finally:
+        parallel.shutdown(ranks)
+
+
+def _printer(ranks: Ranks):
+    def say(text: str = '', end: str = '\n') -> None:
+        if ranks.is_main:
+            print(text, end=end, flush=True)
+    return say
+
+
+def _loop(session, ranks: Ranks, say) -> int:
+    from . import parallel
+    from .session import ConfigError, ContextFull, parse_config_set
+    while True:
+        text = read_prompt() if ranks.is_main else None
+        if ranks.is_main and text is None:
+            say()  # end of input: leave the terminal on a fresh line
+            text = 'exit'
+        text = parallel.broadcast_text(text, ranks)
+        if text is None:
+            text = 'exit'
+        command = text.strip()
+        if command == 'exit':
+            return 0
+        if command == 'end':
+            session.reset()
+            say('(new conversation)')
+            continue
+        if not command:
+            continue
+        if command in ('config', 'config show'):
+            say(session.settings.describe())
+            continue
+        if command == 'config set' or command.startswith(('config set ', 'config set\t')):
+            try:
+                lines = session.apply(parse_config_set(command[len('config set'):]))
+            except ConfigError as e:
+                say(f'error: config set: {e}')
+                continue
+            for line in lines:
+                say(line)
+            continue
+        try:
+            for delta in session.chat(text):
+                say(delta, end='')
+        except ContextFull as e:
+            say(f'error: {e}')
+            continue
+        say()
+
+
+def _take_launcher_rank(argv: List[str]) -> List[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK says the same)."""
+    out = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.replace('-', '_') == '__local_rank' and i + 1 < len(argv):
+            value, i = argv[i + 1], i + 2
+        elif arg.replace('-', '_').startswith('__local_rank='):
+            value, i = arg.split('=', 1)[1], i + 1
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        os.environ.setdefault('LOCAL_RANK', value)
+    return out
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> None:
+    """Entry point: check the flags, then hand the command line to fire."""
+    argv = _take_launcher_rank(list(sys.argv[1:] if argv is None else argv))
+    try:
+        check_argv(argv)
+    except CliError as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(e.code)
+    import fire
+    fire.Fire(main, command=argv, name='lmdeploy.pytorch.chat')
+
+
+if __name__ == '__main__':
+    cli()
