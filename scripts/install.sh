@@ -21,4 +21,9 @@ echo "torch==$torch_version" >> "$constraints"
 
 echo "[install] lmdeploy[$EXTRAS] (torch $torch_version kept)"
 "$PYTHON" -m pip install -q -c "$constraints" -e ".[$EXTRAS]"
+if [ "${LMDEPLOY_DEEPSPEED:-1}" = 1 ]; then
+    # AutoTP for lmdeploy.pytorch.chat; no DeepSpeed C++/CUDA ops are compiled.
+    echo "[install] deepspeed (LMDEPLOY_DEEPSPEED=0 skips it)"
+    DS_BUILD_OPS=0 "$PYTHON" -m pip install -q -c "$constraints" --no-build-isolation -r requirements/deepspeed.txt
+fi
 "$PYTHON" -c 'import lmdeploy, lmdeploy.turbomind._turbomind; print("[install] ok: lmdeploy", lmdeploy.__version__)'
