@@ -9,7 +9,7 @@ Modules:
 * `chat`: the command line (flag checking, model loading, the console loop);
 * `session`: one conversation (chat template, KV cache kept between turns, sampling, streaming)
   and the `config set` settings;
-* `console`: reading a multi-line prompt from the terminal;
+* (the console reader and flag checks are shared: `lmdeploy.console`);
 * `parallel`: the process group, DeepSpeed AutoTP and broadcasting rank 0's input.
 
 Nothing here is imported by `import lmdeploy`; torch and transformers load only when a model does.

@@ -13,24 +13,17 @@ At the prompt (`double enter to end input >>>`) type lines and an empty line to 
 setting (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed), `config` shows them.
 """
 
-import inspect
 import json
 import os
 import os.path as osp
 import sys
 from typing import List, Optional, Sequence
 
-from .console import read_prompt
+from lmdeploy.console import EXIT_ERROR, EXIT_INTERRUPTED, CliError, fail, one_line, read_prompt, run_fire
+
 from .parallel import Ranks
 
-
-class CliError(Exception):
-    """A one-line error for the user; `code` is the exit status."""
-
-    def __init__(self, message: str, code: int = 2):
-        super().__init__(message)
-        self.code = code
-
+USAGE = 'python -m lmdeploy.pytorch.chat MODEL_PATH [--flags]'
 
 DTYPES = {'fp16': 'float16', 'float16': 'float16', 'half': 'float16', 'bf16': 'bfloat16',
           'bfloat16': 'bfloat16', 'fp32': 'float32', 'float32': 'float32', 'float': 'float32'}
@@ -75,54 +68,11 @@ def main(model_path: str,
     try:
         code = _run(**locals())
     except CliError as e:
-        print(f'error: {e}', file=sys.stderr, flush=True)
-        code = e.code
+        fail(str(e), e.code)
     except KeyboardInterrupt:
         print('', flush=True)
-        code = 130
+        code = EXIT_INTERRUPTED
     sys.exit(code)
-
-
-# ------------------------------------------------------------------------------------------
-# Command-line checks, before anything heavy is imported.
-
-
-def known_flags() -> List[str]:
-    return [p for p in inspect.signature(main).parameters]
-
-
-def check_argv(argv: Sequence[str]) -> None:
-    """Reject unknown flags and a missing MODEL_PATH before the model loads (fire itself would
-    only complain about unused arguments after the chat ends)."""
-    names = known_flags()
-    positionals = 0
-    has_model_path = False
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if arg == '--':  # fire's own flags follow
-            break
-        if arg in ('-h', '--help'):
-            return
-        if not arg.startswith('--') or len(arg) == 2:
-            positionals += 1
-            continue
-        name, has_value = arg[2:], False
-        if '=' in name:
-            name, has_value = name.split('=', 1)[0], True
-        name = name.replace('-', '_')
-        if name not in names and name.startswith('no') and name[2:] in names:
-            name, has_value = name[2:], True
-        if name not in names:
-            raise CliError(f'unknown flag --{name}; known flags: '
-                           + ', '.join(f'--{n}' for n in names if n != 'model_path'))
-        if name == 'model_path':
-            has_model_path = True
-        if not has_value and i < len(argv) and not argv[i].startswith('--'):
-            i += 1  # the flag's value
-    if not positionals and not has_model_path:
-        raise CliError('missing MODEL_PATH; usage: python -m lmdeploy.pytorch.chat MODEL_PATH [--flags]')
 
 
 # ------------------------------------------------------------------------------------------
@@ -168,7 +118,7 @@ def _check_model_path(model_path: str) -> str:
         return snapshot_download(model_path)
     except Exception as e:  # noqa: BLE001 - offline, unknown repo, ...: one line
         raise CliError(f'model path not found: {model_path} (not a local folder, and the Hugging Face Hub '
-                       f'gave {_one_line(e)})', code=1) from None
+                       f'gave {one_line(e, with_type=True)})', code=EXIT_ERROR) from None
 
 
 def _pick_device(device: str):
@@ -263,7 +213,8 @@ def _load_tokenizer(path: str, use_fast: bool):
     try:
         tokenizer = Tokenizer(path)
     except Exception as e:  # noqa: BLE001 - any loader failure is reported in one line
-        raise CliError(f'cannot load the tokenizer from {path}: {_one_line(e)}', code=1) from None
+        raise CliError(f'cannot load the tokenizer from {path}: {one_line(e, with_type=True)}',
+                       code=EXIT_ERROR) from None
     if not use_fast and tokenizer.backend == 'hf':
         # The wrapper asks transformers for its default (fast) tokenizer; swap in the slow one.
         try:
@@ -273,7 +224,7 @@ def _load_tokenizer(path: str, use_fast: bool):
             tokenizer.model.model = slow
             tokenizer.model._detok_options = None
         except Exception as e:  # noqa: BLE001
-            print(f'note: no slow tokenizer ({_one_line(e)}); using the fast one', file=sys.stderr)
+            print(f'note: no slow tokenizer ({one_line(e, with_type=True)}); using the fast one', file=sys.stderr)
     return tokenizer
 
 
@@ -287,12 +238,6 @@ def _tokenizer_size(tokenizer) -> Optional[int]:
         return None
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    first = text[0].strip() if text else ''
-    return f'{type(e).__name__}: {first}' if first else type(e).__name__
-
-
 def _load_model(model_path: str, torch_dtype, trust_remote_code: bool):
     import logging
     from transformers import AutoModelForCausalLM
@@ -304,7 +249,8 @@ def _load_model(model_path: str, torch_dtype, trust_remote_code: bool):
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
                                                      trust_remote_code=bool(trust_remote_code))
     except Exception as e:  # noqa: BLE001 - one line instead of a traceback
-        raise CliError(f'cannot load the model from {model_path}: {_one_line(e)}', code=1) from None
+        raise CliError(f'cannot load the model from {model_path}: {one_line(e, with_type=True)}',
+                       code=EXIT_ERROR) from None
     return model.eval()
 
 
@@ -469,13 +415,7 @@ def _take_launcher_rank(argv: List[str]) -> List[str]:
 def cli(argv: Optional[Sequence[str]] = None) -> None:
     """Entry point: check the flags, then hand the command line to fire."""
     argv = _take_launcher_rank(list(sys.argv[1:] if argv is None else argv))
-    try:
-        check_argv(argv)
-    except CliError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(e.code)
-    import fire
-    fire.Fire(main, command=argv, name='lmdeploy.pytorch.chat')
+    run_fire(main, argv, name='lmdeploy.pytorch.chat', usage=USAGE)
 
 
 if __name__ == '__main__':

@@ -39,19 +39,10 @@ import sys
 import threading
 from typing import List, Optional
 
-from lmdeploy.turbomind.console import (UsageError, check_fire_args, enable_line_editing,
-                                        read_prompt)
+from lmdeploy.console import (EXIT_ERROR, EXIT_INTERRUPTED, UsageError, enable_line_editing, fail,
+                              one_line, read_prompt, run_fire)
 
 LOG_LEVELS = ('TRACE', 'DEBUG', 'INFO', 'WARNING', 'ERROR')
-EXIT_USAGE = 2
-EXIT_ERROR = 1
-
-
-def _one_line(e: BaseException) -> str:
-    text = ' '.join(str(e).split())
-    if isinstance(e, KeyError) and len(text) > 1 and text[0] == text[-1] == "'":
-        text = text[1:-1]
-    return text or type(e).__name__
 
 
 def _is_int(v) -> bool:
@@ -182,14 +173,14 @@ class Chat:
                         shown = visible
         except SessionTooLong as e:
             if first:
-                self.note(f'the input is too long for this model: {_one_line(e)}; '
+                self.note(f'the input is too long for this model: {one_line(e)}; '
                           f'shorten it')
             else:
-                self.note(f'the session is too long: {_one_line(e)}; type `end` to end the '
+                self.note(f'the session is too long: {one_line(e)}; type `end` to end the '
                           f'session and start a new one (or send a shorter input)')
             return
         except RequestError as e:
-            self.note(f'request refused: {_one_line(e)}')
+            self.note(f'request refused: {one_line(e)}')
             return
         self._print(detok.flush().replace('\ufffd', ''))
         self.step += len(input_ids) + len(output_ids)
@@ -248,7 +239,9 @@ def run(chat: Chat, read=read_prompt) -> None:
     while True:
         try:
             text = read()
-        except (EOFError, KeyboardInterrupt):
+        except KeyboardInterrupt:
+            text = None
+        if text is None:  # end of input or Ctrl-C at the prompt
             chat._print()
             chat.end()
             return
@@ -335,8 +328,7 @@ def main(model_path: str, session_id: int = 1, repetition_penalty: float = 1.0, 
                               request_output_len, seed, session_len, log_level, verbose)
         check_workspace(model_path)
     except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        fail(str(e), e.code)
     setup_logging(log_level)
     overrides = {} if session_len is None else {'session_len': session_len}
     try:
@@ -345,10 +337,9 @@ def main(model_path: str, session_id: int = 1, repetition_penalty: float = 1.0, 
         if tm.tokenizer is None:
             raise FileNotFoundError(f'{model_path} has no tokenizer')
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # noqa: BLE001 - any load failure is a one-line error
-        print(f'error: cannot load {model_path}: {_one_line(e)}', file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        fail(f'cannot load {model_path}: {one_line(e)}', EXIT_ERROR)
     try:
         if verbose:
             print(f'[model {tm.model_name}, session_len {tm.session_len}, '
@@ -359,8 +350,8 @@ def main(model_path: str, session_id: int = 1, repetition_penalty: float = 1.0, 
                     request_output_len=request_output_len, seed=seed, verbose=verbose)
         run(chat)
     except Exception as e:  # noqa: BLE001 - the engine stopped: one line, not a traceback
-        print(f'\nerror: {_one_line(e)}', file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        print(file=sys.stderr)  # a reply may have been cut mid-line
+        fail(one_line(e), EXIT_ERROR)
     finally:
         tm.close()
     sys.exit(0)
@@ -368,13 +359,7 @@ def main(model_path: str, session_id: int = 1, repetition_penalty: float = 1.0, 
 
 def cli(argv=None) -> None:
     """Entry point: check the command line (before the engine loads), then run fire."""
-    try:
-        check_fire_args(main, argv)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    import fire
-    fire.Fire(main, command=argv, name='lmdeploy.turbomind.chat')
+    run_fire(main, argv, name='lmdeploy.turbomind.chat')
 
 
 if __name__ == '__main__':

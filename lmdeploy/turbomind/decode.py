@@ -21,10 +21,9 @@ padding predicted); engine logs stay quiet; a missing workspace or input file is
 error with exit code 2.
 """
 import os.path as osp
-import sys
 
-from lmdeploy.turbomind.chat import EXIT_ERROR, EXIT_USAGE, _one_line, check_workspace, setup_logging
-from lmdeploy.turbomind.console import UsageError, check_fire_args
+from lmdeploy.console import EXIT_ERROR, UsageError, fail, one_line, run_fire
+from lmdeploy.turbomind.chat import LOG_LEVELS, check_workspace, setup_logging
 
 # Lines per engine call: bounds the [rows, len, vocab] fp32 logits held at once.
 CHUNK_LINES = 16
@@ -41,7 +40,7 @@ def read_lines(inputs: str, strip_newline: bool = False):
         with open(inputs, encoding='utf-8') as f:
             lines = f.readlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f'cannot read {inputs}: {_one_line(e)}') from None
+        raise UsageError(f'cannot read {inputs}: {one_line(e)}') from None
     if strip_newline:
         lines = [line.rstrip('\n') for line in lines]
     if not lines:
@@ -87,7 +86,6 @@ def main(model_path: str, inputs: str, strip_newline: bool = False, tp: int = 1,
         tp: tensor-parallel degree (GPUs); only 1 for now.
         log_level: engine log level: ERROR (default), WARNING, INFO, DEBUG or TRACE.
     """
-    from lmdeploy.turbomind.chat import LOG_LEVELS
     try:
         check_workspace(model_path)
         lines = read_lines(inputs, bool(strip_newline))
@@ -96,8 +94,7 @@ def main(model_path: str, inputs: str, strip_newline: bool = False, tp: int = 1,
         if str(log_level).upper() not in LOG_LEVELS:
             raise UsageError(f'--log_level must be one of {", ".join(LOG_LEVELS)}, got {log_level!r}')
     except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        fail(str(e), e.code)
     setup_logging(str(log_level).upper())
     try:
         import torch
@@ -106,16 +103,13 @@ def main(model_path: str, inputs: str, strip_newline: bool = False, tp: int = 1,
         if tm.tokenizer is None:
             raise FileNotFoundError(f'{model_path} has no tokenizer')
     except Exception as e:  # noqa: BLE001 - any load failure is a one-line error
-        print(f'error: cannot load {model_path}: {_one_line(e)}', file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        fail(f'cannot load {model_path}: {one_line(e)}', EXIT_ERROR)
     try:
         preds, _ = predict(tm, lines)
     except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        fail(str(e), e.code)
     except Exception as e:  # noqa: BLE001
-        print(f'error: {_one_line(e)}', file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        fail(one_line(e), EXIT_ERROR)
     finally:
         tm.close()
     torch.set_printoptions(profile='full', linewidth=120)
@@ -124,13 +118,7 @@ def main(model_path: str, inputs: str, strip_newline: bool = False, tp: int = 1,
 
 def cli(argv=None) -> None:
     """Entry point: check the command line (before the engine loads), then run fire."""
-    try:
-        check_fire_args(main, argv)
-    except UsageError as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-    import fire
-    fire.Fire(main, command=argv, name='lmdeploy.turbomind.decode')
+    run_fire(main, argv, name='lmdeploy.turbomind.decode')
 
 
 if __name__ == '__main__':

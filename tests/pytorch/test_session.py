@@ -1,10 +1,10 @@
-"""In-process tests of the PyTorch chat pieces: `config set` parsing, flag checks, console input,
-template detection, and ChatSession (KV cache kept between turns, cropped where the history
+"""In-process tests of the PyTorch chat pieces: `config set` parsing, flag checks, template
+detection, and ChatSession (KV cache kept between turns, cropped where the history
 changes, sampling, context limit) against transformers' `generate`."""
 import pytest
 
+from lmdeploy.console import check_fire_args
 from lmdeploy.pytorch import chat as cli
-from lmdeploy.pytorch.console import PROMPT, read_prompt
 from lmdeploy.pytorch.session import (ChatSession, ConfigError, ContextFull, GenerationSettings,
                                       HFTemplateConversation, RegistryConversation, parse_config_set)
 
@@ -47,11 +47,16 @@ def test_parse_config_set_errors(text, needle):
 
 # -- command line --------------------------------------------------------------------------
 
+def check_argv(argv):
+    """The chat's command-line check (`cli.cli` runs it before fire)."""
+    check_fire_args(cli.main, argv, usage=cli.USAGE)
+
+
 def test_check_argv_accepts_known_flags():
-    cli.check_argv(['m', '--temperture', '0.5', '--top_p=0.9', '--use-fast-tokenizer', 'False',
-                    '--notrust_remote_code'])
-    cli.check_argv(['--model_path', 'm'])
-    cli.check_argv(['--help'])
+    check_argv(['m', '--temperture', '0.5', '--top_p=0.9', '--use-fast-tokenizer', 'False',
+                '--notrust_remote_code'])
+    check_argv(['--model_path', 'm'])
+    check_argv(['--help'])
 
 
 @pytest.mark.parametrize('argv, needle', [
@@ -62,7 +67,7 @@ def test_check_argv_accepts_known_flags():
 ])
 def test_check_argv_rejects(argv, needle):
     with pytest.raises(cli.CliError) as info:
-        cli.check_argv(argv)
+        check_argv(argv)
     assert needle in str(info.value)
 
 
@@ -100,36 +105,6 @@ def test_detect_model_name(tmp_path):
     assert name('vicuna-7b-v1.5') == 'vicuna'
     assert name('Llama-2-7b-hf') == 'llama'  # a base model gets no chat template
     assert name('gqa-safetensors-fp32') is None
-
-
-# -- console -------------------------------------------------------------------------------
-
-def test_read_prompt_joins_lines_until_empty():
-    lines = iter(['first', 'second', '', 'ignored'])
-    prompts = []
-
-    def read_line(prompt):
-        prompts.append(prompt)
-        return next(lines)
-
-    assert read_prompt(read_line=read_line) == 'first\nsecond'
-    assert prompts == [PROMPT, '', '']
-
-
-def test_read_prompt_end_of_input():
-    def eof(prompt):
-        raise EOFError
-
-    assert read_prompt(read_line=eof) is None
-    lines = iter(['partial'])
-
-    def then_eof(prompt):
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
-
-    assert read_prompt(read_line=then_eof) == 'partial'
 
 
 # -- ChatSession ---------------------------------------------------------------------------

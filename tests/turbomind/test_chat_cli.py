@@ -12,7 +12,6 @@ import pytest
 pexpect = pytest.importorskip('pexpect')
 pytest.importorskip('sentencepiece')
 
-from lmdeploy.turbomind.console import UsageError, check_fire_args, read_prompt  # noqa: E402
 from tools.minichat_data import answer_for  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -246,45 +245,3 @@ def test_help_explains_every_flag():
                  'request_output_len', 'seed', 'session_len', 'log_level', 'verbose'):
         assert f'--{flag}=' in text, flag
     assert 'MODEL_PATH' in text and 'Ctrl-C' in text
-
-
-# ----------------------------------------------------------------------------- console helpers
-
-def test_read_prompt_reads_until_an_empty_line(capsys):
-    lines = iter(['first', 'second', '', 'next'])
-    assert read_prompt(input_fn=lambda prompt: next(lines)) == 'first\nsecond'
-    assert capsys.readouterr().out == '\n'  # the prompt's newline; input_fn shows the rest
-
-    def eof_after(items):
-        it = iter(items)
-
-        def read(prompt):
-            try:
-                return next(it)
-            except StopIteration:
-                raise EOFError from None
-        return read
-
-    assert read_prompt(input_fn=eof_after(['last line'])) == 'last line'
-    with pytest.raises(EOFError):
-        read_prompt(input_fn=eof_after([]))
-
-
-def test_check_fire_args_follows_fire():
-    def main(model_path, session_id: int = 1, top_k: int = 40, verbose: bool = False):
-        pass
-
-    for argv in (['ws'], ['ws', '2'], ['ws', '--session_id', '3'], ['ws', '--session-id=3'],
-                 ['--model_path', 'ws'], ['ws', '--verbose'], ['ws', '--noverbose'],
-                 ['ws', '--verbose', '--top_k', '1'], ['ws', '--top_k', '-1'], ['ws', '-v'],
-                 ['--help'], ['ws', '--', '--help']):
-        check_fire_args(main, argv)
-    for argv, message in ((['ws', '--temperture', '1'], 'unknown flag --temperture'),
-                          (['ws', '--top-p=1'], 'unknown flag --top-p'),
-                          (['ws', '1', '2', 'False', 'x'], 'unexpected argument(s): x'),
-                          ([], 'missing required argument MODEL_PATH'),
-                          (['--session_id', '2'], 'missing required argument MODEL_PATH'),
-                          (['ws', '-x'], '-x is not a flag'),
-                          (['ws', '--top_k', '1', '--top_k', '2'], '--top_k is given twice')):
-        with pytest.raises(UsageError, match='^' + message.replace('(', r'\(').replace(')', r'\)')):
-            check_fire_args(main, argv)
