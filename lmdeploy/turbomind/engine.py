@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import _turbomind as _tm
-from .errors import EngineError, error_for
+from .errors import EngineError, InvalidRequest, error_for
 from .model_runner import ModelRunner
 from .sampling import RequestRng, Sampler, SamplingParams
 from .step_input import StepInput
@@ -90,6 +90,7 @@ class Engine:
         self._session_rng: Dict[int, tuple] = {}  # session_id -> saved RequestRng state
         self._private_ids = itertools.count(PRIVATE_SESSION_BASE)
         self._dead: Optional[Exception] = None
+        self._post_lock = threading.Lock()  # _post vs the loop's shutdown: nothing is lost
         self._thread = threading.Thread(target=self._loop, name='turbomind-engine', daemon=True)
         self._thread.start()
         _LIVE_ENGINES.add(self)
@@ -99,7 +100,9 @@ class Engine:
 
     def submit(self, request: Request, **core_args) -> None:
         """Queue `request`; `core_args` go to the scheduler's submit (input_ids, flags, ...)."""
-        self._post(lambda: self._submit(request, core_args))
+        command = lambda: self._submit(request, core_args)  # noqa: E731
+        command.request = request  # failed by the loop's shutdown if it never runs
+        self._post(command)
 
     def call(self, fn: Callable):
         """Run `fn()` on the engine thread between steps and return its result."""
@@ -111,6 +114,7 @@ class Engine:
             except BaseException as e:  # handed to the caller
                 future.set_exception(e)
 
+        run.future = future  # failed by the loop's shutdown if it never runs
         self._post(run)
         return future.result()
 
@@ -134,9 +138,10 @@ class Engine:
             self._thread.join()
 
     def _post(self, command: Callable):
-        if self._dead is not None:
-            raise EngineError(f'the engine has stopped: {self._dead}')
-        self._commands.put(command)
+        with self._post_lock:
+            if self._dead is not None:
+                raise EngineError(f'the engine has stopped: {self._dead}')
+            self._commands.put(command)
 
     # ----------------------------------------------------------------------------------------
     # Engine thread
@@ -145,12 +150,26 @@ class Engine:
         try:
             while self._drain(block=self._idle()):
                 self._step()
-            self._dead = EngineError('the engine was closed')
+            dead = EngineError('the engine was closed')
         except BaseException as e:  # a bug in the loop itself: fail everyone, never hang them
             logger.exception('engine loop failed')
-            self._dead = e
+            dead = e
+        with self._post_lock:  # from here on _post raises, so the queue only shrinks
+            self._dead = dead
+        error = EngineError(f'the engine has stopped: {dead}')
+        while True:  # commands queued behind close() (or behind the failure) never run
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if hasattr(command, 'request'):
+                command.request.error = error
+                command.request.finished = True
+                command.request.publish()
+            elif hasattr(command, 'future'):
+                command.future.set_exception(error)
         for request in list(self._requests.values()):
-            request.error = request.error or EngineError(f'the engine has stopped: {self._dead}')
+            request.error = request.error or error
             request.finished = True
             request.publish()
         self._requests.clear()
@@ -173,13 +192,28 @@ class Engine:
         return False
 
     def _submit(self, request: Request, core_args: dict):
-        if request.random_seed is not None:
-            request.rng = RequestRng(request.random_seed)
-        elif not core_args.get('sequence_start', True) and request.session_id in self._session_rng:
-            request.rng = RequestRng.from_state(self._session_rng[request.session_id])
-        else:
-            request.rng = RequestRng()
-        request.handle = self.scheduler.submit(request.session_id, **core_args)
+        try:
+            if request.random_seed is not None:
+                request.rng = RequestRng(request.random_seed)
+            elif (not core_args.get('sequence_start', True)
+                  and request.session_id in self._session_rng):
+                request.rng = RequestRng.from_state(self._session_rng[request.session_id])
+            else:
+                request.rng = RequestRng()
+            request.handle = self.scheduler.submit(request.session_id, **core_args)
+        except Exception as e:  # noqa: BLE001
+            # E.g. arguments the binding cannot convert (an id beyond 64 bits): this request
+            # fails alone; raising here would end the loop and leave its caller waiting.
+            if isinstance(e, (TypeError, ValueError, OverflowError)):
+                request.error = InvalidRequest(
+                    f'request for session {request.session_id!r} rejected: '
+                    f'{str(e).splitlines()[0]}')
+            else:
+                logger.exception('submit failed')
+                request.error = EngineError(f'submit failed: {e}')
+            request.finished = True
+            request.publish()
+            return
         self._requests[request.handle] = request
         # A rejected request gets its error event from the next update().
 

@@ -21,7 +21,7 @@ import torch
 
 from ..model import get_template
 from .config import EngineConfig
-from .engine import Engine, Request
+from .engine import PRIVATE_SESSION_BASE, Engine, Request
 from .errors import EngineError, InvalidRequest, SessionInactive, error_for
 from .model_runner import ModelRunner
 from .sampling import SamplingParams
@@ -96,6 +96,25 @@ def _as_id_rows(input_ids) -> Tuple[List[List[int]], bool]:
     return rows, batched
 
 
+_I64_MAX = (1 << 63) - 1
+
+
+def _session_id(sid) -> int:
+    """A caller's session id (v0.0.2's CORRID). The upper half of the uint64 range is kept for
+    the engine's private sessions (`decode`), so a caller can never collide with them."""
+    if not _is_int(sid) or not 0 <= sid < PRIVATE_SESSION_BASE:
+        raise InvalidRequest(f'session_id must be an integer in [0, 2**63), got {sid!r}')
+    return int(sid)
+
+
+def _check_vocab(rows: List[List[int]], vocab_size: int):
+    for row in rows:
+        for i, token in enumerate(row):
+            if not 0 <= token < vocab_size:
+                raise InvalidRequest(f'input_ids[{i}] = {token} is outside the vocabulary '
+                                     f'[0, {vocab_size})')
+
+
 def _per_row(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -130,8 +149,9 @@ class TurboMindInstance:
         template's stop words. Bad requests raise a `RequestError` subclass.
         """
         rows, batched = _as_id_rows(input_ids)
+        _check_vocab(rows, self.tm.config.vocab_size)
         n = len(rows)
-        sessions = _per_row(session_id, n, 'session_id')
+        sessions = [_session_id(sid) for sid in _per_row(session_id, n, 'session_id')]
         if stop:
             for sid in sessions:
                 self.cancel(sid) if not sequence_end else self.end(sid)
@@ -153,6 +173,7 @@ class TurboMindInstance:
         as a private one-shot session, so live sessions are never touched.
         """
         rows, _ = _as_id_rows(input_ids)
+        _check_vocab(rows, self.tm.config.vocab_size)
         cond = threading.Condition()
         requests = []
         for row in rows:
@@ -171,14 +192,14 @@ class TurboMindInstance:
 
     def end(self, session_id: int) -> None:
         """End a session: stop what it runs and free its KV cache and history."""
-        self.engine.cancel(int(session_id), end=True)
+        self.engine.cancel(_session_id(session_id), end=True)
 
     def cancel(self, session_id: int) -> None:
         """Stop the session's running request; it finishes with what it has, the cache is kept.
 
         Raises SessionInactive when nothing runs for the session.
         """
-        code = self.engine.cancel(int(session_id), end=False)
+        code = self.engine.cancel(_session_id(session_id), end=False)
         if code:
             error = error_for(code, f'session {session_id} is not generating; nothing to cancel')
             raise error if not isinstance(error, EngineError) else SessionInactive(str(error))
@@ -206,17 +227,16 @@ class TurboMindInstance:
                                              ).validate(tm.config.vocab_size))
             except ValueError as e:
                 raise InvalidRequest(str(e)) from None
-        for sid in sessions:
-            if not _is_int(sid) or sid < 0:
-                raise InvalidRequest(f'session_id must be an integer >= 0, got {sid!r}')
         cond = threading.Condition()
         requests = []
         for i, row in enumerate(rows):
             step = steps[i]
             if not _is_int(step):
                 raise InvalidRequest(f'step must be an integer, got {step!r}')
+            step = max(-1, min(int(step), _I64_MAX))  # beyond the history (or < 0): ignored
             request = Request(int(sessions[i]), params[i], cond, random_seed=seeds[i])
-            self.engine.submit(request, input_ids=row, request_output_len=request_output_len,
+            self.engine.submit(request, input_ids=row,
+                               request_output_len=min(request_output_len, tm.session_len),
                                sequence_start=bool(sequence_start), sequence_end=bool(sequence_end),
                                step=step, end_id=-1 if ignore_eos else tm.eos_id,
                                stop_words=stops, ignore_eos=bool(ignore_eos),

@@ -12,6 +12,9 @@ raw little-endian arrays of `weight_type` (fp16) with no header, linear weights 
 
 Unlike v0.0.2 (which logged a warning and kept random weights), a missing file or a file whose
 size is not exactly the expected element count is an error naming the file and both sizes.
+One exception, as in v0.0.2: ``tok_embeddings`` and ``output`` may hold more than
+``vocab_size`` rows (v0.0.2 wrote the sentencepiece vocab size, which can be below the
+embedding rows); the first ``vocab_size`` rows are used, and the file must still be whole rows.
 
 Tensors kept in memory (engine dtype, on `device`):
 
@@ -91,6 +94,32 @@ def read_raw(path: str, shape, weight_type: str = 'fp16') -> torch.Tensor:
     return torch.from_numpy(arr).reshape(tuple(shape))
 
 
+def read_vocab_rows(path: str, vocab_size: int, hidden: int, weight_type: str = 'fp16'
+                    ) -> torch.Tensor:
+    """The first `vocab_size` rows of a ``[rows, hidden]`` embedding / LM-head file.
+
+    LMDeploy v0.0.2 wrote config.ini's ``vocab_size`` from the sentencepiece model, which can be
+    smaller than the checkpoint's embedding rows (padded vocabularies), and its engine read only
+    the first ``vocab_size`` rows. So a file with more rows is accepted when its size is a whole
+    number of rows; fewer rows, or a partial row, is an error.
+    """
+    np_type = _NP_TYPES[weight_type]
+    itemsize = np.dtype(np_type).itemsize
+    if not osp.isfile(path):
+        raise WeightError(f'weight file {path} is missing (expected {vocab_size * hidden} '
+                          f'{weight_type} elements for shape {(vocab_size, hidden)}); re-run '
+                          'deploy')
+    size = os.path.getsize(path)
+    row_bytes = hidden * itemsize
+    if size % row_bytes or size < vocab_size * row_bytes:
+        raise WeightError(f'weight file {path} has {size} bytes ({size / itemsize:g} '
+                          f'{weight_type} elements) but needs at least vocab_size {vocab_size} '
+                          f'whole rows of hidden size {hidden} ({vocab_size * row_bytes} bytes, '
+                          f'a multiple of {row_bytes})')
+    arr = np.fromfile(path, dtype=np_type, count=vocab_size * hidden)
+    return torch.from_numpy(arr).reshape(vocab_size, hidden)
+
+
 class _Reader:
 
     def __init__(self, cfg: EngineConfig, rank: int, tp: int, device, dtype):
@@ -104,6 +133,11 @@ class _Reader:
 
     def whole(self, name: str, shape) -> torch.Tensor:
         return self._out(read_raw(osp.join(self.dir, name), shape, self.cfg.weight_type))
+
+    def vocab_rows(self, name: str) -> torch.Tensor:
+        """[vocab_size, H]: the first vocab_size rows of a possibly longer file (v0.0.2)."""
+        return self._out(read_vocab_rows(osp.join(self.dir, name), self.cfg.vocab_size,
+                                         self.cfg.hidden_size, self.cfg.weight_type))
 
     def _disk(self, prefix: str, ext: str, r: int, shape) -> torch.Tensor:
         return read_raw(osp.join(self.dir, f'{prefix}.{r}.{ext}'), shape, self.cfg.weight_type)
@@ -162,7 +196,7 @@ def load_weights(cfg: EngineConfig, rank: int = 0, tp: Optional[int] = None, dev
     device = torch.device(device if device is not None else cfg.device)
     dtype = dtype if dtype is not None else cfg.torch_dtype
     rd = _Reader(cfg, rank, tp, device, dtype)
-    H, V, I, qd = cfg.hidden_size, cfg.vocab_size, cfg.inter_size, cfg.q_dim
+    H, I, qd = cfg.hidden_size, cfg.inter_size, cfg.q_dim
     layers = []
     for i in range(cfg.num_layer):
         a, f = f'layers.{i}.attention', f'layers.{i}.feed_forward'
@@ -179,7 +213,7 @@ def load_weights(cfg: EngineConfig, rank: int = 0, tp: Optional[int] = None, dev
             w2=rd.split(f'{f}.w2', 'weight', [I, H], 0),
         ))
         del w1, w3
-    return ModelWeights(tok_embeddings=rd.whole('tok_embeddings.weight', [V, H]),
+    return ModelWeights(tok_embeddings=rd.vocab_rows('tok_embeddings.weight'),
                         norm=rd.whole('norm.weight', [H]),
-                        output=rd.whole('output.weight', [V, H]), layers=layers, rank=rank,
+                        output=rd.vocab_rows('output.weight'), layers=layers, rank=rank,
                         tp=tp)
