@@ -23,6 +23,8 @@ Engine keys that v0.0.2 did not have:
 * ``device``: 'cpu', 'cuda' or 'cuda:N'; default cuda when available, else cpu;
 * ``rope_theta``: rotary base (deploy writes it only when it is not 10000);
 * ``chunked_prefill``: split long prompts over steps within ``max_prefill_tokens`` (default on).
+* ``cuda_graph``: replay decode-only steps from CUDA graphs captured per batch-size bucket
+  (default on; it only takes effect on CUDA, the CPU path never captures).
 """
 import configparser
 import dataclasses
@@ -75,6 +77,7 @@ class EngineConfig:
     dtype: str = ''  # '' -> fp16 on cuda, fp32 on cpu
     device: str = ''  # '' -> cuda if available else cpu
     chunked_prefill: bool = True  # False: a prompt is prefilled in one step, whatever its length
+    cuda_graph: bool = True  # decode steps from CUDA graphs (CUDA only)
     # --- where it came from ---
     weight_dir: str = ''
     extra: Dict[str, str] = field(default_factory=dict)

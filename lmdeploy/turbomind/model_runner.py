@@ -1,11 +1,26 @@
-"""ModelRunner: one rank's data plane. It owns the config, the weights, the KV pool and the
-model, and runs one step:
+"""ModelRunner: one rank's data plane. It owns the config, the weights, the KV pool, the model
+and its decode CUDA graphs, and runs one step:
 
     runner = ModelRunner(EngineConfig.from_workspace('./workspace'))
     logits = runner.run(step_input)       # fp32 [len(sample_idx), vocab_size]
 
-Construction order is the memory plan's: weights first, then (GPU) the activation peak of the
-largest step, then the KV pool from what is left (`plan_num_blocks`).
+    runner = ModelRunner(dummy_config('llama2-7b'), weights_init=dummy_weights)  # no files
+
+Construction order is the memory plan's (GPU):
+
+1. a fit check BEFORE loading: the weights' size (from the shape) plus one session of KV
+   against free device memory -- a clear error instead of an OOM half way through loading;
+2. weights;
+3. a profiling forward of ``max_prefill_tokens`` dummy prompt tokens plus ``max_batch_size``
+   decode rows over a scratch KV pool: its ``max_memory_allocated`` growth is the activation
+   peak (plus a margin for the sampler's ``[max_batch_size, vocab]`` fp32 work);
+4. a reserve for the decode CUDA graphs' memory pool (their logits outputs plus the largest
+   bucket's activations);
+5. the KV pool from ``cache_max_entry_count``: <= 1 is that fraction of what is free after 3
+   and 4; > 1 is v0.0.2's count of ``session_len``-long sessions (an error if they do not fit);
+6. the decode graphs (`cuda_graph.py`), captured over the pool.
+
+`memory` (a dict) reports every term in bytes.
 """
 import math
 from typing import Callable, Optional
@@ -14,21 +29,28 @@ import torch
 
 from . import kernels as _kernels
 from .config import EngineConfig
+from .cuda_graph import DecodeGraphs, default_buckets
 from .kv_cache import KVCache
 from .models import build_model
-from .step_input import StepInput
+from .step_input import RowPlan, StepInput, build_step_input
 from .weights import load_weights
 
 # CPU: a fraction-valued cache_max_entry_count (<= 1) is a fraction of this many full-length
 # sessions per batch slot -- there is no device memory to measure on CPU.
 CPU_FRACTION_SESSIONS = 1
+# Slack kept free beyond the measured terms (allocator fragmentation, NCCL, cuBLAS workspaces).
+GPU_SLACK_BYTES = 256 << 20
 
 
 class ModelRunner:
 
     def __init__(self, cfg: EngineConfig, rank: int = 0, tp: Optional[int] = None,
                  all_reduce: Optional[Callable] = None, all_gather: Optional[Callable] = None,
-                 kernels: Optional[str] = None):
+                 kernels: Optional[str] = None, weights_init: Optional[Callable] = None,
+                 cuda_graph: Optional[bool] = None):
+        """weights_init(cfg, rank, tp, device, dtype) -> ModelWeights: default
+        `weights.load_weights` (the workspace); `dummy.dummy_weights` makes random ones.
+        cuda_graph overrides cfg.cuda_graph (graphs are only ever captured on CUDA)."""
         if cfg.quant_policy & 4:
             raise NotImplementedError('int8 KV cache (quant_policy=4) is not implemented in the '
                                       'data plane yet')
@@ -40,11 +62,27 @@ class ModelRunner:
             self.device = torch.device('cuda', torch.cuda.current_device())
         self.dtype = cfg.torch_dtype
         self.kernels = _kernels.select(self.device, kernels)
-        self.weights = load_weights(cfg, rank, self.tp, self.device, self.dtype)
+        use_graphs = cfg.cuda_graph if cuda_graph is None else bool(cuda_graph)
+        self.use_cuda_graph = use_graphs and self.device.type == 'cuda'
+        self.memory = {}
+        if self.device.type == 'cuda':
+            self._check_fits()
+        init = weights_init or load_weights
+        self.weights = init(cfg, rank, self.tp, self.device, self.dtype)
         self.model = build_model(cfg, self.weights, self.kernels, all_reduce, all_gather)
         self.num_blocks = self.plan_num_blocks()
         self.kv_cache = KVCache.from_config(cfg, self.num_blocks, self.tp, self.device,
                                             self.dtype)
+        self.graphs: Optional[DecodeGraphs] = None
+        if self.use_cuda_graph:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, cfg.blocks_per_session(),
+                                       cfg.session_len, self.device,
+                                       default_buckets(cfg.max_batch_size))
+            self.graphs.capture()
+            self.memory['graphs'] = self.graphs.memory_bytes
+        if self.device.type == 'cuda':
+            self.memory['kv_cache'] = self.kv_cache.nbytes()
+            self.memory['free_after'] = torch.cuda.mem_get_info(self.device)[0]
 
     @property
     def block_size(self) -> int:
@@ -53,57 +91,143 @@ class ModelRunner:
     # ----------------------------------------------------------------------------------------
     # Memory plan
 
+    def weight_bytes(self) -> int:
+        from .dummy import weight_bytes
+        return weight_bytes(self.cfg, self.tp, self.dtype)
+
+    def _check_fits(self):
+        """Before loading: weights + one session of KV + slack must fit in free memory."""
+        cfg = self.cfg
+        free, total = torch.cuda.mem_get_info(self.device)
+        weights = self.weight_bytes()
+        one_session = cfg.blocks_per_session() * KVCache.bytes_per_block(cfg, self.tp,
+                                                                         self.dtype)
+        need = weights + one_session + GPU_SLACK_BYTES
+        self.memory['weights_estimate'] = weights
+        if need > free:
+            raise RuntimeError(
+                f'the model does not fit on {self.device}: weights {weights / 2**30:.2f} GiB + '
+                f'one {cfg.session_len}-token session of KV {one_session / 2**30:.2f} GiB + '
+                f'{GPU_SLACK_BYTES >> 20} MiB slack > {free / 2**30:.2f} GiB free (of '
+                f'{total / 2**30:.2f} GiB); use tensor parallelism, a smaller session_len or a '
+                'smaller dtype')
+
     def plan_num_blocks(self) -> int:
         """How many KV blocks the pool gets.
 
         * ``num_blocks`` > 0 in the config: exactly that;
         * ``cache_max_entry_count`` > 1: v0.0.2's meaning, that many ``session_len``-long
-          sessions: ``count * ceil(session_len / block_size)`` blocks;
-        * ``cache_max_entry_count`` <= 1: a fraction of the free device memory after weights and
-          the activation peak (GPU, `_gpu_free_bytes`); on CPU a fraction of
-          ``max_batch_size`` full sessions.
+          sessions: ``count * ceil(session_len / block_size)`` blocks (on GPU, an error when
+          they do not fit in what is free after activations and graphs);
+        * ``cache_max_entry_count`` <= 1: a fraction of the free device memory after weights,
+          the profiled activation peak and the graph reserve (GPU, `_gpu_free_bytes`); on CPU
+          a fraction of ``max_batch_size`` full sessions.
         """
         cfg = self.cfg
         if cfg.num_blocks > 0:
             return cfg.num_blocks
         per_session = cfg.blocks_per_session()
         count = cfg.cache_max_entry_count
+        if self.device.type != 'cuda':
+            if count > 1:
+                return int(count) * per_session
+            return max(1, math.ceil(count * CPU_FRACTION_SESSIONS * cfg.max_batch_size)) \
+                * per_session
+        free = self._gpu_free_bytes()
+        per_block = KVCache.bytes_per_block(cfg, self.tp, self.dtype)
         if count > 1:
-            return int(count) * per_session
-        if self.device.type == 'cuda':
-            free = self._gpu_free_bytes()
-            per_block = KVCache.bytes_per_block(cfg, self.tp, self.dtype)
-            blocks = int(free * count) // per_block
-            if blocks < per_session:
+            blocks = int(count) * per_session
+            if blocks * per_block > free:
                 raise RuntimeError(
-                    f'KV pool too small: {free * count / 2**30:.2f} GiB '
-                    f'(cache_max_entry_count={count} of {free / 2**30:.2f} GiB free) holds '
-                    f'{blocks} blocks of {cfg.block_size} tokens, fewer than one session of '
-                    f'{cfg.session_len} tokens; raise cache_max_entry_count or lower '
-                    'session_len')
+                    f'KV pool does not fit: cache_max_entry_count={int(count)} sessions of '
+                    f'{cfg.session_len} tokens need {blocks * per_block / 2**30:.2f} GiB, '
+                    f'{free / 2**30:.2f} GiB is free after weights, activations and CUDA '
+                    'graphs; lower cache_max_entry_count or session_len')
             return blocks
-        return max(1, math.ceil(count * CPU_FRACTION_SESSIONS * cfg.max_batch_size)) * per_session
+        blocks = int(free * count) // per_block
+        if blocks < per_session:
+            raise RuntimeError(
+                f'KV pool too small: {free * count / 2**30:.2f} GiB '
+                f'(cache_max_entry_count={count} of {free / 2**30:.2f} GiB free) holds '
+                f'{blocks} blocks of {cfg.block_size} tokens, fewer than one session of '
+                f'{cfg.session_len} tokens; raise cache_max_entry_count or lower '
+                'session_len')
+        return blocks
 
     def _gpu_free_bytes(self) -> int:
-        """Free device memory once weights are loaded, minus the activation peak of the largest
-        step (max_prefill_tokens tokens). TODO(gpu issue): replace the estimate with a profiling
-        forward of max_prefill_tokens dummy tokens and torch.cuda.max_memory_allocated(), and
-        reserve CUDA-graph memory."""
-        torch.cuda.synchronize(self.device)
-        free, _total = torch.cuda.mem_get_info(self.device)
+        """Free device memory once weights are loaded, minus the profiled activation peak,
+        the sampler margin, the decode-graph reserve and a slack."""
         cfg = self.cfg
+        activations = self.profile_activation_bytes()
+        sampler = cfg.max_batch_size * cfg.vocab_size * 4 * 4
+        graphs = self.graph_reserve_bytes() if self.use_cuda_graph else 0
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free, _total = torch.cuda.mem_get_info(self.device)
+        self.memory.update(weights=self.weights.nbytes(), activations=activations,
+                           sampler_margin=sampler, graph_reserve=graphs, slack=GPU_SLACK_BYTES,
+                           free_before_kv=free)
+        return max(0, free - activations - sampler - graphs - GPU_SLACK_BYTES)
+
+    def graph_reserve_bytes(self) -> int:
+        """The decode graphs' pool: every bucket's fp32 logits stay allocated, plus twice the
+        largest bucket's per-layer activations (the pool is shared, captured largest first)."""
+        cfg = self.cfg
+        buckets = default_buckets(cfg.max_batch_size)
         elem = torch.empty((), dtype=self.dtype).element_size()
-        T = cfg.max_prefill_tokens
+        logits = sum(buckets) * cfg.vocab_size * (4 + elem)
         widest = max(cfg.hidden_size, (cfg.q_dim + 2 * cfg.kv_dim) // self.tp,
                      2 * cfg.inter_size // self.tp)
-        activations = 4 * T * widest * elem + cfg.max_batch_size * cfg.vocab_size * 4
-        return max(0, free - activations)
+        B = max(buckets)
+        per_step = B * (8 * widest * elem + 2 * cfg.vocab_size * (4 + elem))
+        return logits + 2 * per_step + (32 << 20)
+
+    @torch.inference_mode()
+    def profile_activation_bytes(self) -> int:
+        """Peak bytes a forward of the largest step allocates: max_prefill_tokens prompt tokens
+        (rows of at most session_len) plus max_batch_size decode rows, over a scratch pool of
+        one session's blocks that every row shares (the values do not matter)."""
+        cfg = self.cfg
+        bs = cfg.block_size
+        row_len = max(1, min(cfg.max_prefill_tokens, cfg.session_len))
+        n_blk = cfg.blocks_per_session()
+        rows = [RowPlan([0], 0, [0], 'last') for _ in range(cfg.max_batch_size)]
+        left = cfg.max_prefill_tokens
+        gen = torch.Generator().manual_seed(0)
+        while left > 0:
+            n = min(row_len, left)
+            ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+            rows.append(RowPlan(ids, 0, list(range(math.ceil(n / bs))), 'last'))
+            left -= n
+        step = build_step_input(rows, bs)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        scratch = KVCache.from_config(self.cfg, n_blk, self.tp, self.device, self.dtype)
+        step = step.to(self.device)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        out = self.model.forward(step, scratch)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del out, scratch, step
+        torch.cuda.empty_cache()
+        return int(peak)
 
     # ----------------------------------------------------------------------------------------
     # Step
 
     @torch.inference_mode()
     def run(self, step: StepInput) -> torch.Tensor:
-        """Forward one step; fp32 logits [len(step.sample_idx), vocab_size] (on the device)."""
+        """Forward one step; fp32 logits [len(step.sample_idx), vocab_size] (on the device).
+        Decode-only steps replay a CUDA graph when graphs are on."""
+        if self.graphs is not None:
+            logits = self.graphs.run(step)
+            if logits is not None:
+                return logits
         step = step.to(self.device, non_blocking=True)
+        if (self.device.type == 'cuda' and step.num_tokens == step.batch_size
+                and step.max_kv_len <= self.cfg.session_len):
+            # decode-only: the graphs' split hint, so graphs on/off run the same partitions
+            step.max_kv_len = self.cfg.session_len
         return self.model.forward(step, self.kv_cache)

@@ -36,17 +36,31 @@ class TurboMind:
         tp: tensor-parallel degree (1 for now).
         eos_id: end-of-sequence id (default: config.ini's end_id).
         data_type: v0.0.2's name for the dtype ('fp16'/'half', 'bf16', 'fp32').
+        dummy: instead of a workspace, a named shape from `dummy.SHAPES` ('llama2-7b',
+            'llama3-8b', 'llama2-13b', 'tiny') with random weights made on the device (no
+            tokenizer); model_path is then ignored (pass None).
         **config_overrides: any EngineConfig key (max_batch_size, session_len, block_size,
-            num_blocks, cache_max_entry_count, max_prefill_tokens, dtype, device, ...).
+            num_blocks, cache_max_entry_count, max_prefill_tokens, dtype, device, cuda_graph,
+            ...).
     """
 
-    def __init__(self, model_path: str, tp: int = 1, eos_id: Optional[int] = None,
-                 data_type: Optional[str] = None, **config_overrides):
+    def __init__(self, model_path: Optional[str] = None, tp: int = 1,
+                 eos_id: Optional[int] = None, data_type: Optional[str] = None,
+                 dummy: Optional[str] = None, **config_overrides):
         if data_type is not None:
             config_overrides.setdefault('dtype', {'half': 'fp16'}.get(data_type, data_type))
         if tp != 1:
             raise NotImplementedError(f'tp={tp}: tensor parallelism is not available yet; use tp=1')
-        self.config = cfg = EngineConfig.from_workspace(model_path, **config_overrides)
+        weights_init = None
+        if dummy is not None:
+            from .dummy import dummy_config, dummy_weights
+            self.config = cfg = dummy_config(dummy, **config_overrides)
+            weights_init = dummy_weights
+            model_path = model_path or f'dummy:{dummy}'
+        elif model_path is None:
+            raise ValueError('TurboMind needs a workspace path (or dummy=<shape>)')
+        else:
+            self.config = cfg = EngineConfig.from_workspace(model_path, **config_overrides)
         self.model_path = model_path
         self.model_name = cfg.model_name
         self.session_len = cfg.session_len
@@ -54,11 +68,12 @@ class TurboMind:
         self.eos_id = cfg.end_id if eos_id is None else int(eos_id)
         self.template = get_template(cfg.model_name)
         tokenizer_dir = osp.join(model_path, 'triton_models', 'tokenizer')
-        self.tokenizer = Tokenizer(tokenizer_dir) if osp.isdir(tokenizer_dir) else None
+        self.tokenizer = Tokenizer(tokenizer_dir) if dummy is None and osp.isdir(
+            tokenizer_dir) else None
         stop_words = (self.template.stop_words_for(self.tokenizer) if self.tokenizer
                       else self.template.stop_words) or []
         self.stop_words = [w for w in stop_words if 0 <= w < cfg.vocab_size]
-        self.engine = Engine(ModelRunner(cfg, rank=0, tp=tp))
+        self.engine = Engine(ModelRunner(cfg, rank=0, tp=tp, weights_init=weights_init))
 
     def create_instance(self, cuda_stream_id: int = 0) -> 'TurboMindInstance':
         return TurboMindInstance(self)
