@@ -1,0 +1,257 @@
+"""Request throughput of the in-process engine (BENCHMARKS.md B3; LMDeploy v0.0.2's
+profile_throughput, reference section 11.2, plus latency percentiles).
+
+    python benchmark/profile_throughput.py ShareGPT_V3_unfiltered_cleaned_split.json ./workspace \\
+        --concurrency 256 --num_prompts 3000 [--quant_policy 4] [--out b3.json]
+    python benchmark/profile_throughput.py synthetic ./workspace --concurrency 256 --num_prompts 3000
+
+DATASET is a ShareGPT JSON file, or `synthetic` for the seeded synthetic set of BENCHMARKS.md
+(prompt 4..1024 tokens, prompt + output <= 2048, mean about 250 in / 230 out, random ids).
+ShareGPT sampling is v0.0.2's: the first human/assistant pair of each conversation with >= 2
+turns, both tokenized; pairs with a side < 4 tokens, a prompt > 1024 or a sum > 2048 dropped;
+then `--num_prompts` drawn, seeded here (v0.0.2 did not seed).
+
+`--concurrency` threads, each with its own instance and session id, pull requests from a shared
+queue; every request runs `stream_infer(..., request_output_len=<completion length>,
+temperature=1.0, top_p=1.0, top_k=40, ignore_eos=True, stream_output=True)` with a seed per
+request, so a run is reproducible. Printed (and written with --out): v0.0.2's four throughput
+lines (req/s, req/min, prompt+completion tok/s, output tok/s) and TTFT, per-token latency
+(inter-token gaps) and end-to-end latency, p50/p99.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import random
+import sys
+import threading
+import time
+from typing import List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+Pair = Tuple[List[int], int]  # (prompt ids, completion length)
+
+
+def percentile(values, q):
+    if not values:
+        return float('nan')
+    s = sorted(values)
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def sample_sharegpt(path: str, tokenizer, num_prompts: int, seed: int,
+                    max_seq_len: int = 2048) -> List[Pair]:
+    with open(path) as f:
+        dataset = json.load(f)
+    pairs = [(d['conversations'][0]['value'], d['conversations'][1]['value'])
+             for d in dataset if len(d.get('conversations', ())) >= 2]
+    rng = random.Random(seed)
+    rng.shuffle(pairs)  # tokenize only what is needed, in a seeded order
+    out = []
+    for prompt, completion in pairs:
+        p, c = tokenizer.encode(prompt), tokenizer.encode(completion)
+        if len(p) < 4 or len(c) < 4 or len(p) > 1024 or len(p) + len(c) > max_seq_len:
+            continue
+        out.append((p, len(c)))
+        if len(out) == num_prompts:
+            break
+    if len(out) < num_prompts:
+        print(f'warning: only {len(out)} pairs pass the filter', file=sys.stderr)
+    return out
+
+
+def sample_synthetic(num_prompts: int, vocab_size: int, seed: int,
+                     max_seq_len: int = 2048) -> List[Pair]:
+    """Lengths from log-normal laws fitted to ShareGPT's filtered pairs (mean ~250 / ~230),
+    rejected outside prompt 4..1024, output >= 4, prompt + output <= max_seq_len."""
+    rng = random.Random(seed)
+    out = []
+    while len(out) < num_prompts:
+        n_in = int(rng.lognormvariate(math.log(200), 0.95))
+        n_out = int(rng.lognormvariate(math.log(146), 1.0))
+        if not 4 <= n_in <= 1024 or n_out < 4 or n_in + n_out > max_seq_len:
+            continue
+        ids = [rng.randrange(3, vocab_size) for _ in range(n_in)]
+        out.append((ids, n_out))
+    return out
+
+
+def load_requests(args, tokenizer, vocab_size: int, session_len: int) -> List[Pair]:
+    max_seq_len = min(2048, session_len - 1)
+    if args.dataset == 'synthetic':
+        return sample_synthetic(args.num_prompts, vocab_size, args.seed, max_seq_len)
+    return sample_sharegpt(args.dataset, tokenizer, args.num_prompts, args.seed, max_seq_len)
+
+
+def run(tm, requests: List[Pair], concurrency: int, seed: int, progress: bool = True):
+    q: queue.Queue = queue.Queue()
+    for i, r in enumerate(requests):
+        q.put((i, r))
+    results = [None] * len(requests)
+    errors = []
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+            bar = tqdm(total=len(requests), desc='requests', unit='req', dynamic_ncols=True)
+        except ImportError:
+            pass
+    lock = threading.Lock()
+
+    def worker(tid: int):
+        instance = tm.create_instance()
+        while True:
+            try:
+                i, (ids, n_out) = q.get_nowait()
+            except queue.Empty:
+                return
+            t0 = time.perf_counter()
+            stamps, seen = [], 0
+            try:
+                for outputs in instance.stream_infer(
+                        tid + 1, ids, request_output_len=n_out, sequence_start=True,
+                        sequence_end=True, temperature=1.0, top_p=1.0, top_k=40,
+                        ignore_eos=True, random_seed=seed + i, stream_output=True):
+                    n = outputs[0][1]
+                    if n > seen:
+                        stamps.append((time.perf_counter(), n - seen))
+                        seen = n
+            except Exception as e:  # noqa: BLE001
+                with lock:
+                    errors.append(f'request {i}: {type(e).__name__}: {e}')
+            results[i] = (t0, stamps, len(ids), seen)
+            if bar is not None:
+                with lock:
+                    bar.update(1)
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True)
+               for t in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return results, elapsed, errors
+
+
+def summarize(results, elapsed):
+    ttft, itl, tpot, e2e = [], [], [], []
+    prompt_tokens = output_tokens = 0
+    for t0, stamps, n_in, n_out in results:
+        prompt_tokens += n_in
+        output_tokens += n_out
+        if not stamps:
+            continue
+        ttft.append(stamps[0][0] - t0)
+        e2e.append(stamps[-1][0] - t0)
+        prev = stamps[0][0]
+        for t, k in stamps[1:]:
+            itl.extend([(t - prev) / k] * k)
+            prev = t
+        if n_out > 1:
+            tpot.append((stamps[-1][0] - stamps[0][0]) / (n_out - stamps[0][1]))
+    n = len(results)
+    ms = 1000.0
+    return {
+        'requests': n, 'elapsed_s': elapsed,
+        'throughput_req_s': n / elapsed, 'throughput_req_min': n / elapsed * 60,
+        'throughput_tok_s': (prompt_tokens + output_tokens) / elapsed,
+        'throughput_out_tok_s': output_tokens / elapsed,
+        'prompt_tokens': prompt_tokens, 'output_tokens': output_tokens,
+        'mean_prompt_len': prompt_tokens / max(1, n), 'mean_output_len': output_tokens / max(1, n),
+        'ttft_ms_p50': percentile(ttft, 50) * ms, 'ttft_ms_p99': percentile(ttft, 99) * ms,
+        'tpot_ms_p50': percentile(tpot, 50) * ms, 'tpot_ms_p99': percentile(tpot, 99) * ms,
+        'itl_ms_p50': percentile(itl, 50) * ms, 'itl_ms_p99': percentile(itl, 99) * ms,
+        'e2e_s_p50': percentile(e2e, 50), 'e2e_s_p99': percentile(e2e, 99),
+    }
+
+
+def print_table(s, args, device):
+    print(f'\nconcurrency: {args.concurrency}, prompts: {s["requests"]}, dataset: {args.dataset}, '
+          f'mean in/out: {s["mean_prompt_len"]:.0f}/{s["mean_output_len"]:.0f}, '
+          f'quant_policy: {args.quant_policy}, device: {device}')
+    print(f'elapsed_time: {s["elapsed_s"]:.2f}s')
+    print(f'Throughput requests: {s["throughput_req_s"]:.3f} req/s')
+    print(f'Throughput requests: {s["throughput_req_min"]:.2f} req/min')
+    print(f'Throughput tokens: {s["throughput_tok_s"]:.2f} tokens/s')
+    print(f'Throughput tokens(output only): {s["throughput_out_tok_s"]:.2f} tokens/s')
+    rows = [('TTFT (ms)', s['ttft_ms_p50'], s['ttft_ms_p99']),
+            ('per-token latency, ITL (ms)', s['itl_ms_p50'], s['itl_ms_p99']),
+            ('per-request TPOT (ms)', s['tpot_ms_p50'], s['tpot_ms_p99']),
+            ('end to end (s)', s['e2e_s_p50'], s['e2e_s_p99'])]
+    print(f'\n| {"metric":<28} | {"p50":>10} | {"p99":>10} |')
+    print(f'|{"-" * 30}|{"-" * 12}|{"-" * 12}|')
+    for name, p50, p99 in rows:
+        print(f'| {name:<28} | {p50:>10.2f} | {p99:>10.2f} |')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('dataset', help="ShareGPT JSON file, or 'synthetic'")
+    p.add_argument('model_path', nargs='?', default=None, help='a deployed workspace')
+    p.add_argument('--dummy', default=None, metavar='SHAPE',
+                   help='random weights created on the GPU for a model shape (llama2-7b, '
+                        'llama3-8b) instead of a workspace: not available yet')
+    p.add_argument('--concurrency', type=int, default=256, help='client threads (default 256)')
+    p.add_argument('--num_prompts', type=int, default=3000, help='requests (default 3000)')
+    p.add_argument('--quant_policy', type=int, default=0, choices=(0, 4), help='4: int8 KV')
+    p.add_argument('--seed', type=int, default=0, help='dataset and sampling seed')
+    p.add_argument('--max_batch_size', type=int, default=None, help='engine override')
+    p.add_argument('--cache_max_entry_count', type=float, default=None, help='engine override')
+    p.add_argument('--session_len', type=int, default=None, help='engine override')
+    p.add_argument('--warmup', type=int, default=0,
+                   help='requests run (and discarded) before the measured run')
+    p.add_argument('--no_progress', action='store_true', help='no progress bar')
+    p.add_argument('--out', default=None, help='write the results as JSON')
+    args = p.parse_args(argv)
+    if args.dummy is not None:
+        p.error('--dummy is not available yet: the engine has no random-weight path (weights '
+                'created on the GPU without files); deploy a workspace and pass its path')
+    if args.model_path is None:
+        p.error('give a workspace path (or --dummy SHAPE, once available)')
+    if args.concurrency < 1 or args.num_prompts < 1:
+        p.error('--concurrency and --num_prompts must be >= 1')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from lmdeploy.turbomind import TurboMind
+    overrides = {k: getattr(args, k) for k in ('max_batch_size', 'cache_max_entry_count',
+                                               'session_len') if getattr(args, k) is not None}
+    if args.quant_policy:
+        overrides['quant_policy'] = args.quant_policy
+    tm = TurboMind(args.model_path, **overrides)
+    try:
+        requests = load_requests(args, tm.tokenizer, tm.config.vocab_size, tm.session_len)
+        if args.warmup:
+            run(tm, requests[:args.warmup], min(args.concurrency, args.warmup), args.seed,
+                progress=False)
+        results, elapsed, errors = run(tm, requests, args.concurrency, args.seed,
+                                       progress=not args.no_progress)
+        summary = summarize(results, elapsed)
+        device = f'{tm.config.device} ({tm.config.dtype})'
+        print_table(summary, args, device)
+        if errors:
+            print(f'\n{len(errors)} requests failed, first: {errors[0]}', file=sys.stderr)
+        if args.out:
+            with open(args.out, 'w') as f:
+                json.dump({'args': vars(args), 'device': device, 'errors': errors[:20],
+                           **summary}, f, indent=1)
+        return 1 if errors else 0
+    finally:
+        tm.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main())
