@@ -200,8 +200,9 @@ def parse_args(argv=None):
     p.add_argument('dataset', help="ShareGPT JSON file, or 'synthetic'")
     p.add_argument('model_path', nargs='?', default=None, help='a deployed workspace')
     p.add_argument('--dummy', default=None, metavar='SHAPE',
-                   help='random weights created on the GPU for a model shape (llama2-7b, '
-                        'llama3-8b) instead of a workspace: not available yet')
+                   help='random weights created on the device for a model shape (llama2-7b, '
+                        'llama3-8b, llama2-13b; tiny on CPU) instead of a workspace; needs the '
+                        'synthetic dataset (there is no tokenizer)')
     p.add_argument('--concurrency', type=int, default=256, help='client threads (default 256)')
     p.add_argument('--num_prompts', type=int, default=3000, help='requests (default 3000)')
     p.add_argument('--quant_policy', type=int, default=0, choices=(0, 4), help='4: int8 KV')
@@ -214,11 +215,10 @@ def parse_args(argv=None):
     p.add_argument('--no_progress', action='store_true', help='no progress bar')
     p.add_argument('--out', default=None, help='write the results as JSON')
     args = p.parse_args(argv)
-    if args.dummy is not None:
-        p.error('--dummy is not available yet: the engine has no random-weight path (weights '
-                'created on the GPU without files); deploy a workspace and pass its path')
-    if args.model_path is None:
-        p.error('give a workspace path (or --dummy SHAPE, once available)')
+    if (args.model_path is None) == (args.dummy is None):
+        p.error('give a workspace path or --dummy SHAPE (one of them)')
+    if args.dummy is not None and args.dataset != 'synthetic':
+        p.error('--dummy has no tokenizer: use the synthetic dataset')
     if args.concurrency < 1 or args.num_prompts < 1:
         p.error('--concurrency and --num_prompts must be >= 1')
     return args
@@ -231,7 +231,7 @@ def main(argv=None):
                                                'session_len') if getattr(args, k) is not None}
     if args.quant_policy:
         overrides['quant_policy'] = args.quant_policy
-    tm = TurboMind(args.model_path, **overrides)
+    tm = TurboMind(args.model_path, dummy=args.dummy, **overrides)
     try:
         requests = load_requests(args, tm.tokenizer, tm.config.vocab_size, tm.session_len)
         if args.warmup:

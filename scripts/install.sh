@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-EXTRAS=${LMDEPLOY_EXTRAS:-test}
+EXTRAS=${LMDEPLOY_EXTRAS:-all}
 
 if ! "$PYTHON" -c 'import torch' 2>/dev/null; then
     echo "[install] torch not found: installing the CPU build torch==2.13.0"
