@@ -115,7 +115,7 @@ setup(
     python_requires='>=3.8',
     packages=find_packages(include=['lmdeploy', 'lmdeploy.*']),
     package_data={
-        'lmdeploy.serve.turbomind': ['triton_models/**/*', 'service_docker_up.sh'],
+        'lmdeploy.serve.turbomind': ['triton_models/**/*', 'service_docker_up.sh', 'service_up.sh'],
     },
     include_package_data=False,  # package_data says it all; MANIFEST.in is for the sdist
     install_requires=read_requirements('runtime.txt'),

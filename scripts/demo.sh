@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-LMDEPLOY_DEEPSPEED=${LMDEPLOY_DEEPSPEED:-0} bash scripts/install.sh
+LMDEPLOY_EXTRAS=${LMDEPLOY_EXTRAS:-test} LMDEPLOY_DEEPSPEED=${LMDEPLOY_DEEPSPEED:-0} LMDEPLOY_BROWSER=${LMDEPLOY_BROWSER:-0} \
+    bash scripts/install.sh
 "$PYTHON" -m lmdeploy.serve.turbomind.deploy minichat assets/minichat --dst_path ./workspace
 "$PYTHON" tools/demo.py ./workspace "$@"

@@ -21,6 +21,16 @@ echo "torch==$torch_version" >> "$constraints"
 
 echo "[install] lmdeploy[$EXTRAS] (torch $torch_version kept)"
 "$PYTHON" -m pip install -q -c "$constraints" -e ".[$EXTRAS]"
+if [ "${LMDEPLOY_BROWSER:-1}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+    # The web UI tests drive Debian's headless Chromium (Playwright's own browser download is
+    # not used).
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "[install] chromium (LMDEPLOY_BROWSER=0 skips it)"
+        apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends chromium >/dev/null
+    else
+        echo "[install] chromium not found and cannot apt-get it: the web UI tests will skip"
+    fi
+fi
 if [ "${LMDEPLOY_DEEPSPEED:-1}" = 1 ]; then
     # AutoTP for lmdeploy.pytorch.chat; no DeepSpeed C++/CUDA ops are compiled.
     echo "[install] deepspeed (LMDEPLOY_DEEPSPEED=0 skips it)"

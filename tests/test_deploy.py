@@ -324,7 +324,7 @@ def test_workspace_tree(tmp_path, make_ckpt):
     assert os.access(os.path.join(ws, 'service_docker_up.sh'), os.X_OK)
     # nothing else at the top level, no temp dirs left beside it
     assert sorted(os.listdir(ws)) == ['model_repository', 'service_docker_up.sh',
-                                      'triton_models']
+                                      'service_up.sh', 'triton_models']
     assert sorted(os.listdir(tmp_path)) == ['ws-tp2']
 
 

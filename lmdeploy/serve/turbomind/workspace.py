@@ -18,6 +18,7 @@ from lmdeploy.serve.turbomind.common import DEFAULT_ROPE_THETA, DeployError, Mod
 _HERE = osp.dirname(osp.abspath(__file__))
 TEMPLATE_DIR = osp.join(_HERE, 'triton_models')
 DOCKER_SCRIPT = osp.join(_HERE, 'service_docker_up.sh')
+SERVICE_SCRIPT = osp.join(_HERE, 'service_up.sh')  # the docker-free launcher's wrapper
 TOKENIZER_PY = osp.normpath(osp.join(osp.dirname(_HERE), '..', 'turbomind', 'tokenizer.py'))
 
 # Engine parameters v0.0.2 writes into config.ini, in its order (after the model keys).
@@ -107,6 +108,8 @@ def copy_templates(ws: str) -> str:
     for sub in ('weights', 'tokenizer'):
         os.makedirs(osp.join(tm, sub), exist_ok=True)
     shutil.copy(DOCKER_SCRIPT, ws)
+    if osp.isfile(SERVICE_SCRIPT):
+        shutil.copy(SERVICE_SCRIPT, ws)
     return tm
 
 
@@ -131,12 +134,15 @@ def finish_workspace(ws: str, tp: int, model_name: str):
         f.write(pbtxt_parameters(tp, model_name))
     for link, target in SYMLINKS:
         _link(ws, link, target)
-    script = osp.join(ws, 'service_docker_up.sh')
-    with open(script) as f:
-        text = f.read()
-    with open(script, 'w') as f:
-        f.write(re.sub(r'(?<![\w])TP=1(?![0-9])', f'TP={tp}', text))
-    shutil.copymode(DOCKER_SCRIPT, script)
+    for src in (DOCKER_SCRIPT, SERVICE_SCRIPT):
+        script = osp.join(ws, osp.basename(src))
+        if not osp.isfile(script):
+            continue
+        with open(script) as f:
+            text = f.read()
+        with open(script, 'w') as f:
+            f.write(re.sub(r'(?<![\w])TP=1(?![0-9])', f'TP={tp}', text))
+        shutil.copymode(src, script)
 
 
 def inside(path: str, root: str) -> bool:
