@@ -54,6 +54,8 @@ def dummy_config(name: str, **overrides) -> EngineConfig:
         raise ValueError(f'unknown dummy shape {name!r}; known: {", ".join(SHAPES)}')
     values = dict(SHAPES[name])
     values['weight_dir'] = ''
+    # No workspace, so no v0.0.2 session count to honour: the KV pool takes 90% of free memory.
+    values.setdefault('cache_max_entry_count', 0.9)
     cfg = EngineConfig.from_dict(values, source=f'dummy {name}', **overrides)
     cfg.extra['dummy'] = name
     return cfg
