@@ -21,7 +21,7 @@ import random
 import threading
 from typing import Optional
 
-from lmdeploy.console import CliError, EXIT_ERROR, UsageError, fail, one_line, run_fire
+from lmdeploy.console import CliError, EXIT_ERROR, UsageError, one_line, run_fire
 
 TITLE = 'LMDeploy Playground'
 CSS = """
@@ -252,12 +252,9 @@ def run(triton_server_addr: str, server_name: str = '127.0.0.1', server_port: in
 
 
 def cli(argv=None):
-    try:
-        run_fire(run, argv, name='lmdeploy.app',
-                 usage='python -m lmdeploy.app HOST:PORT|WORKSPACE [--server_name 127.0.0.1] '
-                       '[--server_port 6006]')
-    except CliError as e:
-        fail(str(e), e.code)
+    run_fire(run, argv, name='lmdeploy.app',
+             usage='python -m lmdeploy.app HOST:PORT|WORKSPACE [--server_name 127.0.0.1] '
+                   '[--server_port 6006]')
 
 
 if __name__ == '__main__':

@@ -198,10 +198,11 @@ def check_fire_args(fn: Callable, argv: Optional[Sequence[str]] = None, usage: O
 def run_fire(fn: Callable, argv: Optional[Sequence[str]] = None, name: Optional[str] = None,
              usage: Optional[str] = None) -> None:
     """A fire CLI's entry point: `check_fire_args` (a bad command line is a one-line error with
-    exit status 2, before anything loads), then `fire.Fire(fn)` on the same arguments."""
+    exit status 2, before anything loads), then `fire.Fire(fn)` on the same arguments; a
+    `CliError` that `fn` raises becomes its one-line message and exit status."""
     try:
         check_fire_args(fn, argv, usage=usage)
-    except UsageError as e:
+        import fire
+        fire.Fire(fn, command=None if argv is None else list(argv), name=name)
+    except CliError as e:
         fail(str(e), e.code)
-    import fire
-    fire.Fire(fn, command=None if argv is None else list(argv), name=name)

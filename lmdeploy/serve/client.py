@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
-from lmdeploy.console import (EXIT_ERROR, EXIT_INTERRUPTED, UsageError, enable_line_editing, fail,
+from lmdeploy.console import (EXIT_ERROR, EXIT_INTERRUPTED, UsageError, enable_line_editing,
                               one_line, read_prompt, run_fire)
 
 
@@ -111,12 +111,8 @@ def main(tritonserver_addr: str, session_id: int = 1, request_output_len: int = 
 
 
 def cli(argv=None):
-    from lmdeploy.console import CliError
-    try:
-        run_fire(main, argv, name='lmdeploy.serve.client',
-                 usage='python -m lmdeploy.serve.client HOST:PORT [--session_id 1]')
-    except CliError as e:
-        fail(str(e), e.code)
+    run_fire(main, argv, name='lmdeploy.serve.client',
+             usage='python -m lmdeploy.serve.client HOST:PORT [--session_id 1]')
 
 
 if __name__ == '__main__':

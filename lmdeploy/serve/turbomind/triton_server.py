@@ -40,7 +40,7 @@ import threading
 import time
 from typing import List, Optional
 
-from lmdeploy.console import EXIT_ERROR, UsageError, fail, run_fire
+from lmdeploy.console import EXIT_ERROR, UsageError, run_fire
 
 MODELS = ('turbomind', 'preprocessing', 'postprocessing')
 LOADER = '''# Written by lmdeploy.serve.turbomind.triton_server: the turbomind model runs the TurboMind
@@ -373,12 +373,9 @@ def main(workspace: str, grpc_port: int = 33337, http_port: Optional[int] = None
 
 
 def cli(argv=None):
-    try:
-        run_fire(main, argv, name='lmdeploy.serve.turbomind.triton_server',
-                 usage='python -m lmdeploy.serve.turbomind.triton_server WORKSPACE '
-                       '[--grpc_port 33337] [--http_port P] [--tp 1]')
-    except UsageError as e:
-        fail(str(e), e.code)
+    run_fire(main, argv, name='lmdeploy.serve.turbomind.triton_server',
+             usage='python -m lmdeploy.serve.turbomind.triton_server WORKSPACE '
+                   '[--grpc_port 33337] [--http_port P] [--tp 1]')
 
 
 if __name__ == '__main__':
