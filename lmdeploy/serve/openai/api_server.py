@@ -703,23 +703,23 @@ def create_app(tm, api_keys: Optional[Sequence[str]] = None,
     async def completions(request: Request):
         return await server.completions(request)
 
-    @app.get('/v1/sessions/{session_id}')
-    async def session(session_id: int, request: Request):
+    async def existing_session(session_id: int, request: Request) -> dict:
         server.check_key(request)
         info = await server.engine.session_info(session_id) \
             if 0 <= session_id <= P.MAX_SESSION_ID else None
         if info is None:
             raise APIError(404, f'session {session_id} does not exist', code='session_not_found')
+        return info
+
+    @app.get('/v1/sessions/{session_id}')
+    async def session(session_id: int, request: Request):
+        info = await existing_session(session_id, request)
         return {'session_id': session_id, 'tokens': len(info['tokens']),
                 'cached_tokens': int(info['num_cached']), 'status': str(info['status'])}
 
     @app.post('/v1/sessions/{session_id}/end')
     async def end_session(session_id: int, request: Request):
-        server.check_key(request)
-        info = await server.engine.session_info(session_id) \
-            if 0 <= session_id <= P.MAX_SESSION_ID else None
-        if info is None:
-            raise APIError(404, f'session {session_id} does not exist', code='session_not_found')
+        await existing_session(session_id, request)
         await server.engine.end_session(session_id)
         return {'session_id': session_id, 'ended': True}
 
