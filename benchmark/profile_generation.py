@@ -277,6 +277,8 @@ def main(argv=None):
     p.add_argument('--input_seqlen', type=int, default=0)
     p.add_argument('--output_seqlen', type=int, default=512)
     p.add_argument('--test_round', type=int, default=10)
+    p.add_argument('--tp', type=int, default=1,
+                   help='tensor-parallel ranks (one process per GPU; default 1)')
     p.add_argument('--dummy', default=None, help='random weights of a named shape: '
                    'llama2-7b | llama3-8b | llama2-13b | tiny')
     p.add_argument('--grid', choices=['B1', 'B2'], default=None)
@@ -316,7 +318,7 @@ def main(argv=None):
     if args.max_prefill_tokens is None:
         overrides['max_prefill_tokens'] = 8192
     t0 = time.perf_counter()
-    tm = TurboMind(args.model_path, dummy=args.dummy, **overrides)
+    tm = TurboMind(args.model_path, dummy=args.dummy, tp=args.tp, **overrides)
     build_s = time.perf_counter() - t0
     runner = tm.engine.runner
     print(f'engine built in {build_s:.1f}s: {runner.kv_cache}, kernels {runner.kernels}, '

@@ -199,6 +199,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('dataset', help="ShareGPT JSON file, or 'synthetic'")
     p.add_argument('model_path', nargs='?', default=None, help='a deployed workspace')
+    p.add_argument('--tp', type=int, default=1,
+                   help='tensor-parallel ranks (one process per GPU; default 1)')
     p.add_argument('--dummy', default=None, metavar='SHAPE',
                    help='random weights created on the device for a model shape (llama2-7b, '
                         'llama3-8b, llama2-13b; tiny on CPU) instead of a workspace; needs the '
@@ -231,7 +233,7 @@ def main(argv=None):
                                                'session_len') if getattr(args, k) is not None}
     if args.quant_policy:
         overrides['quant_policy'] = args.quant_policy
-    tm = TurboMind(args.model_path, dummy=args.dummy, **overrides)
+    tm = TurboMind(args.model_path, dummy=args.dummy, tp=args.tp, **overrides)
     try:
         requests = load_requests(args, tm.tokenizer, tm.config.vocab_size, tm.session_len)
         if args.warmup:

@@ -311,7 +311,9 @@ def main(model_path: str, session_id: int = 1, repetition_penalty: float = 1.0, 
             (it holds triton_models/weights/config.ini and triton_models/tokenizer).
         session_id: the engine session id of the conversation (integer >= 0).
         repetition_penalty: > 1 discourages tokens already in the conversation; 1 turns it off.
-        tp: tensor-parallel degree (GPUs); must match the workspace (only 1 for now).
+        tp: tensor-parallel degree: ranks (one process per GPU, or CPU processes); any tp
+            that divides the heads, KV heads, FFN width and vocab (the workspace is re-sliced
+            when it was deployed with another tp).
         top_k: sample from the k most likely tokens; 1 is greedy, 0 turns it off.
         top_p: sample from the smallest set of tokens whose probabilities add up to p, (0, 1].
         temperature: sampling temperature (>= 0; 0 is greedy).

@@ -83,7 +83,7 @@ def main(model_path: str, inputs: str, strip_newline: bool = False, tp: int = 1,
         model_path: the workspace written by `python -m lmdeploy.serve.turbomind.deploy`.
         inputs: a UTF-8 text file, one input per line (`<BOS>` in a line adds a BOS token).
         strip_newline: drop each line's trailing newline before encoding.
-        tp: tensor-parallel degree (GPUs); only 1 for now.
+        tp: tensor-parallel degree (ranks: one process per GPU, or CPU processes).
         log_level: engine log level: ERROR (default), WARNING, INFO, DEBUG or TRACE.
     """
     try:

@@ -70,22 +70,34 @@ def weight_bytes(cfg: EngineConfig, tp: int = 1, dtype: Optional[torch.dtype] = 
     per_layer = 2 * H + H * qkv + (cfg.q_dim // tp) * H + H * 2 * I + I * H
     if cfg.attn_bias:
         per_layer += qkv + H
-    return elem * (cfg.num_layer * per_layer + 2 * V * H + H)
+    return elem * (cfg.num_layer * per_layer + V * H + (V // tp) * H + H)
+
+
+def _shard(t: torch.Tensor, dim: int, rank: int, tp: int, groups=None) -> torch.Tensor:
+    """Rank `rank`'s contiguous slice of `t` along `dim`; with `groups` (sizes of fused parts,
+    e.g. q | k | v), the slice of every part, fused again."""
+    if tp == 1:
+        return t
+    parts = t.split(groups, dim=dim) if groups else [t]
+    return torch.cat([p.chunk(tp, dim=dim)[rank] for p in parts], dim=dim).contiguous()
 
 
 def dummy_weights(cfg: EngineConfig, rank: int = 0, tp: Optional[int] = None, device=None,
                   dtype: Optional[torch.dtype] = None, seed: int = 0) -> ModelWeights:
     """Random weights of cfg's shape for rank `rank` of `tp`, made on `device` (same signature
-    as `weights.load_weights`, plus `seed`). Deterministic for a (seed, device) pair."""
+    as `weights.load_weights`, plus `seed`). Every tensor is drawn whole from its own seeded
+    generator and then sliced as deploy splits it, so the ranks of any `tp` together hold the
+    tp=1 model (tp=N output == tp=1 output). Deterministic for a (seed, device) pair."""
     tp = cfg.tensor_para_size if tp is None else int(tp)
     device = torch.device(device if device is not None else cfg.device)
     dtype = dtype if dtype is not None else cfg.torch_dtype
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed * 1000003 + rank)
-    H, I, V = cfg.hidden_size, cfg.inter_size // tp, cfg.vocab_size
-    qd, kvd = cfg.q_dim // tp, cfg.kv_dim // tp
+    H, I, V = cfg.hidden_size, cfg.inter_size, cfg.vocab_size
+    qd, kvd = cfg.q_dim, cfg.kv_dim
+    tensor_index = iter(range(1 << 30))
 
     def normal(*shape, std):
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed * 1000003 + next(tensor_index))
         t = torch.empty(shape, dtype=dtype, device=device)
         t.normal_(0.0, std, generator=gen)
         return t
@@ -93,18 +105,24 @@ def dummy_weights(cfg: EngineConfig, rank: int = 0, tp: Optional[int] = None, de
     def ones(n):
         return torch.ones(n, dtype=dtype, device=device)
 
+    def shard(t, dim, groups=None):
+        return _shard(t, dim, rank, tp, groups)
+
+    qkv_groups = [qd, kvd, kvd]
     layers = []
     for _ in range(cfg.num_layer):
         layers.append(LayerWeights(
             attention_norm=ones(H), ffn_norm=ones(H),
-            w_qkv=normal(H, qd + 2 * kvd, std=H ** -0.5),
-            b_qkv=normal(qd + 2 * kvd, std=0.02) if cfg.attn_bias else None,
-            wo=normal(qd, H, std=cfg.q_dim ** -0.5),
+            w_qkv=shard(normal(H, qd + 2 * kvd, std=H ** -0.5), 1, qkv_groups),
+            b_qkv=shard(normal(qd + 2 * kvd, std=0.02), 0, qkv_groups) if cfg.attn_bias
+            else None,
+            wo=shard(normal(qd, H, std=cfg.q_dim ** -0.5), 0),
             b_o=normal(H, std=0.02) if cfg.attn_bias else None,
-            w13=normal(H, 2 * I, std=H ** -0.5),
-            w2=normal(I, H, std=cfg.inter_size ** -0.5)))
+            w13=shard(normal(H, 2 * I, std=H ** -0.5), 1, [I, I]),
+            w2=shard(normal(I, H, std=cfg.inter_size ** -0.5), 0)))
     return ModelWeights(tok_embeddings=normal(V, H, std=1.0), norm=ones(H),
-                        output=normal(V, H, std=H ** -0.5), layers=layers, rank=rank, tp=tp)
+                        output=shard(normal(V, H, std=H ** -0.5), 0), layers=layers, rank=rank,
+                        tp=tp)
 
 
 def _deinterleave(w_out_in: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:

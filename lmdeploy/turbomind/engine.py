@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import _turbomind as _tm
-from .errors import EngineError, InvalidRequest, error_for
+from .errors import EngineError, EngineFailure, InvalidRequest, error_for
 from .model_runner import ModelRunner
 from .sampling import RequestRng, Sampler, SamplingParams
 from .step_input import StepInput
@@ -129,6 +129,17 @@ class Engine:
 
         return self.call(run)
 
+    def abort(self, error: EngineFailure):
+        """Stop the loop with `error` (any thread): every request fails with it."""
+
+        def run():
+            raise error
+
+        try:
+            self._post(run)
+        except EngineError:  # already stopped
+            pass
+
     def private_session_id(self) -> int:
         return next(self._private_ids)
 
@@ -139,6 +150,8 @@ class Engine:
 
     def _post(self, command: Callable):
         with self._post_lock:
+            if isinstance(self._dead, EngineFailure):
+                raise type(self._dead)(str(self._dead))
             if self._dead is not None:
                 raise EngineError(f'the engine has stopped: {self._dead}')
             self._commands.put(command)
@@ -151,12 +164,16 @@ class Engine:
             while self._drain(block=self._idle()):
                 self._step()
             dead = EngineError('the engine was closed')
+        except EngineFailure as e:
+            logger.error('%s', e)
+            dead = e
         except BaseException as e:  # a bug in the loop itself: fail everyone, never hang them
             logger.exception('engine loop failed')
             dead = e
         with self._post_lock:  # from here on _post raises, so the queue only shrinks
             self._dead = dead
-        error = EngineError(f'the engine has stopped: {dead}')
+        error = dead if isinstance(dead, EngineFailure) else EngineError(
+            f'the engine has stopped: {dead}')
         while True:  # commands queued behind close() (or behind the failure) never run
             try:
                 command = self._commands.get_nowait()
@@ -224,6 +241,8 @@ class Engine:
         if plan.num_tokens:
             try:
                 tokens = self._run(plan)
+            except EngineFailure:  # the data plane cannot go on: the loop stops
+                raise
             except Exception as e:  # noqa: BLE001 - the step fails, its requests fail, we go on
                 logger.exception('step %d failed', plan.step)
                 scheduler.discard_plan()

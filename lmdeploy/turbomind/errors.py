@@ -7,6 +7,11 @@ class EngineError(RuntimeError):
     """The engine could not serve a request (a failure inside a step, or a closed engine)."""
 
 
+class EngineFailure(EngineError):
+    """The engine cannot go on (e.g. a tensor-parallel rank died): the loop stops and every
+    request, running or later, fails with this error."""
+
+
 class RequestError(ValueError):
     """A request the engine rejected; `code` is v0.0.2's error code (kInvalid=1, ...)."""
 

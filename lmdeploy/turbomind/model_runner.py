@@ -30,6 +30,7 @@ import torch
 from . import kernels as _kernels
 from .config import EngineConfig
 from .cuda_graph import DecodeGraphs, default_buckets
+from .distributed import SingleRank
 from .kv_cache import KVCache
 from .models import build_model
 from .step_input import RowPlan, StepInput, build_step_input
@@ -45,12 +46,15 @@ GPU_SLACK_BYTES = 256 << 20
 class ModelRunner:
 
     def __init__(self, cfg: EngineConfig, rank: int = 0, tp: Optional[int] = None,
-                 all_reduce: Optional[Callable] = None, all_gather: Optional[Callable] = None,
-                 kernels: Optional[str] = None, weights_init: Optional[Callable] = None,
-                 cuda_graph: Optional[bool] = None):
+                 comm=None, kernels: Optional[str] = None,
+                 weights_init: Optional[Callable] = None, cuda_graph: Optional[bool] = None):
         """weights_init(cfg, rank, tp, device, dtype) -> ModelWeights: default
         `weights.load_weights` (the workspace); `dummy.dummy_weights` makes random ones.
-        cuda_graph overrides cfg.cuda_graph (graphs are only ever captured on CUDA)."""
+        comm: this rank's collectives (distributed.py; default one rank). Every rank of a group
+        constructs its runner at the same time: the profiling forward, the pool size
+        (`comm.min_int`, so every rank gets the same blocks) and the graph captures are
+        collective. cuda_graph overrides cfg.cuda_graph (graphs are only ever captured on
+        CUDA)."""
         if cfg.quant_policy & 4:
             raise NotImplementedError('int8 KV cache (quant_policy=4) is not implemented in the '
                                       'data plane yet')
@@ -69,8 +73,9 @@ class ModelRunner:
             self._check_fits()
         init = weights_init or load_weights
         self.weights = init(cfg, rank, self.tp, self.device, self.dtype)
-        self.model = build_model(cfg, self.weights, self.kernels, all_reduce, all_gather)
-        self.num_blocks = self.plan_num_blocks()
+        self.comm = comm or SingleRank()
+        self.model = build_model(cfg, self.weights, self.kernels, self.comm)
+        self.num_blocks = self.comm.min_int(self.plan_num_blocks())
         self.kv_cache = KVCache.from_config(cfg, self.num_blocks, self.tp, self.device,
                                             self.dtype)
         self.graphs: Optional[DecodeGraphs] = None

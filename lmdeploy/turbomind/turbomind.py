@@ -24,6 +24,7 @@ from .config import EngineConfig
 from .engine import PRIVATE_SESSION_BASE, Engine, Request
 from .errors import EngineError, InvalidRequest, SessionInactive, error_for
 from .model_runner import ModelRunner
+from .tensor_parallel import TensorParallelRunner, check_tp
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
 
@@ -33,7 +34,9 @@ class TurboMind:
 
     Args:
         model_path: the workspace root (it holds triton_models/weights/config.ini).
-        tp: tensor-parallel degree (1 for now).
+        tp: tensor-parallel degree: one process per rank (rank 0 is this one), each on its
+            own GPU (cuda:0..tp-1 from the configured device on) or all on the CPU. A workspace
+            deployed with another tp is re-sliced at load (v0.0.3's runtime split).
         eos_id: end-of-sequence id (default: config.ini's end_id).
         data_type: v0.0.2's name for the dtype ('fp16'/'half', 'bf16', 'fp32').
         dummy: instead of a workspace, a named shape from `dummy.SHAPES` ('llama2-7b',
@@ -49,8 +52,6 @@ class TurboMind:
                  dummy: Optional[str] = None, **config_overrides):
         if data_type is not None:
             config_overrides.setdefault('dtype', {'half': 'fp16'}.get(data_type, data_type))
-        if tp != 1:
-            raise NotImplementedError(f'tp={tp}: tensor parallelism is not available yet; use tp=1')
         weights_init = None
         if dummy is not None:
             from .dummy import dummy_config, dummy_weights
@@ -64,7 +65,7 @@ class TurboMind:
         self.model_path = model_path
         self.model_name = cfg.model_name
         self.session_len = cfg.session_len
-        self.gpu_count = tp
+        self.gpu_count = tp  # v0.0.2's name
         self.eos_id = cfg.end_id if eos_id is None else int(eos_id)
         self.template = get_template(cfg.model_name)
         tokenizer_dir = osp.join(model_path, 'triton_models', 'tokenizer')
@@ -73,14 +74,32 @@ class TurboMind:
         stop_words = (self.template.stop_words_for(self.tokenizer) if self.tokenizer
                       else self.template.stop_words) or []
         self.stop_words = [w for w in stop_words if 0 <= w < cfg.vocab_size]
-        self.engine = Engine(ModelRunner(cfg, rank=0, tp=tp, weights_init=weights_init))
+        tp = check_tp(cfg, tp)
+        if tp == 1:
+            self.runner = ModelRunner(cfg, rank=0, tp=1, weights_init=weights_init)
+        else:
+            self.runner = TensorParallelRunner(cfg, tp, weights_init=weights_init)
+        try:
+            self.engine = Engine(self.runner)
+        except BaseException:
+            self._close_runner()
+            raise
+        if tp > 1:
+            self.runner.on_failure = self.engine.abort
 
     def create_instance(self, cuda_stream_id: int = 0) -> 'TurboMindInstance':
         return TurboMindInstance(self)
 
     def close(self):
-        """Stop the engine thread; requests still running fail with EngineError."""
+        """Stop the engine thread (requests still running fail with EngineError) and the
+        other tensor-parallel ranks."""
         self.engine.close()
+        self._close_runner()
+
+    def _close_runner(self):
+        close = getattr(self.runner, 'close', None)
+        if close is not None:
+            close()
 
     def __enter__(self):
         return self

@@ -18,7 +18,8 @@ embedding rows); the first ``vocab_size`` rows are used, and the file must still
 
 Tensors kept in memory (engine dtype, on `device`):
 
-    tok_embeddings [V, H]        norm [H]        output [V, H]  (embedding/LM head: not split)
+    tok_embeddings [V, H]        norm [H]        output [V/tp, H]  (this rank's vocab rows; both
+                                                 files are whole on disk, as v0.0.2 wrote them)
     per layer:  attention_norm [H], ffn_norm [H]
                 w_qkv [H, (hq + 2*hkv) * D]      columns q | k | v of this rank's heads
                 b_qkv [(hq + 2*hkv) * D] | None
@@ -134,10 +135,14 @@ class _Reader:
     def whole(self, name: str, shape) -> torch.Tensor:
         return self._out(read_raw(osp.join(self.dir, name), shape, self.cfg.weight_type))
 
-    def vocab_rows(self, name: str) -> torch.Tensor:
-        """[vocab_size, H]: the first vocab_size rows of a possibly longer file (v0.0.2)."""
-        return self._out(read_vocab_rows(osp.join(self.dir, name), self.cfg.vocab_size,
-                                         self.cfg.hidden_size, self.cfg.weight_type))
+    def vocab_rows(self, name: str, this_rank: bool = False) -> torch.Tensor:
+        """[vocab_size, H]: the first vocab_size rows of a possibly longer file (v0.0.2);
+        with `this_rank`, only this rank's [V/tp, H] slice of them (the LM head)."""
+        rows = read_vocab_rows(osp.join(self.dir, name), self.cfg.vocab_size,
+                               self.cfg.hidden_size, self.cfg.weight_type)
+        if this_rank:
+            rows = torch.chunk(rows, self.tp, dim=0)[self.rank]
+        return self._out(rows)
 
     def _disk(self, prefix: str, ext: str, r: int, shape) -> torch.Tensor:
         return read_raw(osp.join(self.dir, f'{prefix}.{r}.{ext}'), shape, self.cfg.weight_type)
@@ -215,5 +220,5 @@ def load_weights(cfg: EngineConfig, rank: int = 0, tp: Optional[int] = None, dev
         del w1, w3
     return ModelWeights(tok_embeddings=rd.vocab_rows('tok_embeddings.weight'),
                         norm=rd.whole('norm.weight', [H]),
-                        output=rd.vocab_rows('output.weight'), layers=layers, rank=rank,
-                        tp=tp)
+                        output=rd.vocab_rows('output.weight', this_rank=True), layers=layers,
+                        rank=rank, tp=tp)

@@ -311,9 +311,23 @@ def test_launcher_refuses_a_busy_port(server, ws):
 
 
 def test_launcher_reports_a_failing_engine_in_one_line(ws):
-    p = launcher(ws, '--grpc_port', str(free_port()), '--host', '127.0.0.1', '--tp', '2', timeout=120)
+    p = launcher(ws, '--grpc_port', str(free_port()), '--host', '127.0.0.1', '--tp', '3', timeout=120)
     assert p.returncode == 1
-    assert 'error: tritonserver exited' in p.stderr and 'tp=2' in p.stderr
+    assert 'error: tritonserver exited' in p.stderr and 'tp=3 does not divide' in p.stderr
+
+
+def test_tensor_parallel_server_gives_the_engine_tokens(ws, engine):
+    """--tp 2: the Triton model's engine runs two CPU ranks; tokens equal the tp=1 engine's."""
+    from tests.serve.triton_fixtures import start_server as start
+    s = start(ws, '--tp', '2')
+    try:
+        ids = prompt_ids(s.addr, 'What is 12 + 5?')
+        responses, error = run(s.addr, inputs(ids, corrid=1, end=1))
+        assert error is None
+        assert responses[-1][0][len(ids):] == solo(engine, ids)
+    finally:
+        assert s.stop() == 0, s.output
+    assert 'Traceback' not in s.output, s.output
 
 
 def test_sigint_stops_the_server_cleanly(ws):

@@ -87,6 +87,17 @@ def test_english_conversation_with_follow_ups_then_exit(ws):
     finish(child, 0)
 
 
+def test_tensor_parallel_chat_gives_the_same_replies(ws):
+    """--tp 2: two CPU ranks (gloo) answer exactly as one does."""
+    child = spawn(ws, '--tp', '2')
+    q1, q2 = 'What is 12 + 5?', 'Add 3 to that.'
+    assert ask(child, q1) == [answer_for(q1)]
+    assert ask(child, q2) == [answer_for(q2, 17)]
+    assert ask(child, '你好') == [answer_for('你好')]
+    send(child, 'exit')
+    finish(child, 0)
+
+
 def test_chinese_conversation_then_ctrl_d(ws):
     child = spawn(ws)
     for q in ('你好', '3 加 4 等于几？'):

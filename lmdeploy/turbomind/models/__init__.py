@@ -3,8 +3,8 @@
 from .llama import LlamaModel
 
 
-def build_model(cfg, weights, kernels, all_reduce=None, all_gather=None):
-    return LlamaModel(cfg, weights, kernels, all_reduce=all_reduce, all_gather=all_gather)
+def build_model(cfg, weights, kernels, comm=None):
+    return LlamaModel(cfg, weights, kernels, comm=comm)
 
 
 __all__ = ['LlamaModel', 'build_model']

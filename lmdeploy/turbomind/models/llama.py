@@ -11,32 +11,26 @@
         x, h  = rms_norm(h', ffn_norm, residual=h)
         h'    = all_reduce(silu_and_mul(x @ w13) @ w2)
     x = rms_norm(h' + h, norm)[sample_idx]
-    logits = all_gather(x @ output.T)  fp32              [S, V]
+    logits = all_gather(x @ output_r.T)  fp32            [S, V]
 
-Tensor parallel: `weights` holds one rank's heads/FFN slice; `all_reduce(x)` (sum over ranks,
-in place or returning the result) and `all_gather(logits)` default to identities, which is
-exact for tp=1. The LM head is computed whole on every rank for now (the tp issue may split
-it by vocabulary as v0.0.2 did).
+Tensor parallel (`comm`, see distributed.py; default: one rank, identities): `weights` holds one
+rank's heads, FFN slice and vocab slice of the LM head (`output_r` = rows [r V/tp, (r+1) V/tp),
+as v0.0.2 split it); the embedding is whole on every rank.
 """
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from ..config import EngineConfig
+from ..distributed import SingleRank
 from ..kv_cache import KVCache
 from ..step_input import StepInput
 from ..weights import ModelWeights
 
 
-def _identity(x):
-    return x
-
-
 class LlamaModel:
 
-    def __init__(self, cfg: EngineConfig, weights: ModelWeights, kernels,
-                 all_reduce: Optional[Callable] = None, all_gather: Optional[Callable] = None):
+    def __init__(self, cfg: EngineConfig, weights: ModelWeights, kernels, comm=None):
         self.cfg = cfg
         self.w = weights
         self.k = kernels
@@ -48,12 +42,7 @@ class LlamaModel:
         self.rotary_dim = cfg.rotary_embedding
         self.theta = cfg.rope_theta
         self.eps = cfg.norm_eps
-        self.all_reduce = all_reduce or _identity
-        self.all_gather = all_gather or _identity
-
-    def _reduce(self, x):
-        out = self.all_reduce(x)
-        return x if out is None else out
+        self.comm = comm or SingleRank()
 
     def forward(self, step: StepInput, kv: KVCache) -> torch.Tensor:
         k, w = self.k, self.w
@@ -79,14 +68,14 @@ class LlamaModel:
             k.store_kv(kk, v, k_cache, v_cache, step.slot_mapping)
             o = k.paged_attention(q, k_cache, v_cache, step.block_table, step.cu_seqlens,
                                   step.kv_lens, self.scale, step.max_q_len, step.max_kv_len)
-            h = self._reduce(o.reshape(T, hq * D) @ lw.wo)
+            h = self.comm.all_reduce(o.reshape(T, hq * D) @ lw.wo)
             if lw.b_o is not None:
                 h = h + lw.b_o
             x, residual = k.rms_norm(h, lw.ffn_norm, self.eps, residual)
-            h = self._reduce(k.silu_and_mul(x @ lw.w13) @ lw.w2)
+            h = self.comm.all_reduce(k.silu_and_mul(x @ lw.w13) @ lw.w2)
         h = (h + residual).index_select(0, step.sample_idx)
         x = k.rms_norm(h, w.norm, self.eps)
         logits = F.linear(x, w.output).float()
-        return self.all_gather(logits)
+        return self.comm.all_gather(logits)
 
     __call__ = forward
