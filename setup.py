@@ -116,6 +116,7 @@ setup(
     packages=find_packages(include=['lmdeploy', 'lmdeploy.*']),
     package_data={
         'lmdeploy.serve.turbomind': ['triton_models/**/*', 'service_docker_up.sh', 'service_up.sh'],
+        'lmdeploy.lite': ['data/calib_corpus.txt', 'data/README.md'],  # kv_qparams' default corpus
     },
     include_package_data=False,  # package_data says it all; MANIFEST.in is for the sdist
     install_requires=read_requirements('runtime.txt'),

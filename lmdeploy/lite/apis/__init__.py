@@ -1,0 +1,1 @@
+"""Command-line tools of lmdeploy.lite (`python -m lmdeploy.lite.apis.<tool>`)."""
