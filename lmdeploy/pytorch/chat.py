@@ -13,20 +13,19 @@ At the prompt (`double enter to end input >>>`) type lines and an empty line to 
 setting (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed), `config` shows them.
 """
 
-import json
 import os
 import os.path as osp
 import sys
 from typing import List, Optional, Sequence
 
-from lmdeploy.console import EXIT_ERROR, EXIT_INTERRUPTED, CliError, fail, one_line, read_prompt, run_fire
+from lmdeploy.console import EXIT_INTERRUPTED, CliError, fail, read_prompt, run_fire
+from lmdeploy.hf_checkpoint import (DTYPES, check_model_path, config_dtype, load_model,
+                                    load_tokenizer, pick_device, pick_dtype)
 
 from .parallel import Ranks
 
 USAGE = 'python -m lmdeploy.pytorch.chat MODEL_PATH [--flags]'
 
-DTYPES = {'fp16': 'float16', 'float16': 'float16', 'half': 'float16', 'bf16': 'bfloat16',
-          'bfloat16': 'bfloat16', 'fp32': 'float32', 'float32': 'float32', 'float': 'float32'}
 # Templates meant for chat fine-tunes only: a name match needs 'chat' or 'instruct' too.
 _CHAT_ONLY = ('llama2', 'llama3')
 
@@ -93,73 +92,6 @@ def _resolve_settings(args: dict):
         raise CliError(f'--{e}') from None
 
 
-def _looks_like_hub_id(path: str) -> bool:
-    parts = path.split('/')
-    return (len(parts) == 2 and all(parts) and not path.startswith(('.', '~'))
-            and not any(p in ('.', '..') for p in parts))
-
-
-def _check_model_path(model_path: str) -> str:
-    if not isinstance(model_path, str) or not model_path:
-        raise CliError(f'MODEL_PATH must be a path, got {model_path!r}')
-    path = osp.expanduser(model_path)
-    if osp.isdir(path):
-        if not osp.isfile(osp.join(path, 'config.json')):
-            raise CliError(f'{model_path} is not a Hugging Face model folder (no config.json)')
-        return path
-    if osp.exists(path):
-        raise CliError(f'{model_path} is a file; MODEL_PATH must be a Hugging Face model folder')
-    if not _looks_like_hub_id(model_path):
-        raise CliError(f'model path not found: {model_path}')
-    # A hub id ('org/name'): fetch (or find in the local cache) a snapshot, so that the model
-    # and the tokenizer wrapper both read one local folder.
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(model_path)
-    except Exception as e:  # noqa: BLE001 - offline, unknown repo, ...: one line
-        raise CliError(f'model path not found: {model_path} (not a local folder, and the Hugging Face Hub '
-                       f'gave {one_line(e, with_type=True)})', code=EXIT_ERROR) from None
-
-
-def _pick_device(device: str):
-    import torch
-    name = str(device).strip().lower()
-    if name == 'auto':
-        name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if name.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise CliError(f'--device {device}: CUDA is not available on this machine (try --device cpu)')
-    elif name != 'cpu':
-        raise CliError(f"--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-    try:
-        return torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CliError(f'--device: bad device {device!r}') from None
-
-
-def _pick_dtype(dtype: str, device, model_dtype):
-    import torch
-    name = str(dtype).strip().lower()
-    if name == 'auto':
-        if device.type == 'cpu':
-            return torch.float32
-        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.float16
-    if name not in DTYPES:
-        raise CliError(f"--dtype must be one of auto, fp16, bf16, fp32, got {dtype!r}")
-    return getattr(torch, DTYPES[name])
-
-
-def _config_dtype(model_path: str):
-    import torch
-    try:
-        with open(osp.join(model_path, 'config.json'), encoding='utf-8') as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return None
-    name = cfg.get('dtype') or cfg.get('torch_dtype')
-    return getattr(torch, name, None) if isinstance(name, str) else None
-
-
 def detect_model_name(model_path: str, config=None) -> Optional[str]:
     """The registered template whose name appears in the model's path or hub name, if any."""
     from lmdeploy.model import MODELS
@@ -184,50 +116,6 @@ def detect_model_name(model_path: str, config=None) -> Optional[str]:
     return None
 
 
-def tokenizer_class():
-    """`lmdeploy.turbomind.tokenizer.Tokenizer`, also where the TurboMind extension is missing.
-
-    Importing the module runs `lmdeploy/turbomind/__init__.py`, which loads the engine and its
-    compiled extension. The tokenizer module itself needs only the standard library,
-    sentencepiece and transformers (it is copied into workspaces as it is), so without a built
-    engine it is loaded from its file.
-    """
-    try:
-        from lmdeploy.turbomind.tokenizer import Tokenizer
-        return Tokenizer
-    except ImportError:
-        import importlib.util
-        name = 'lmdeploy_pytorch_tokenizer'
-        module = sys.modules.get(name)
-        if module is None:
-            path = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'turbomind', 'tokenizer.py')
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        return module.Tokenizer
-
-
-def _load_tokenizer(path: str, use_fast: bool):
-    Tokenizer = tokenizer_class()
-    try:
-        tokenizer = Tokenizer(path)
-    except Exception as e:  # noqa: BLE001 - any loader failure is reported in one line
-        raise CliError(f'cannot load the tokenizer from {path}: {one_line(e, with_type=True)}',
-                       code=EXIT_ERROR) from None
-    if not use_fast and tokenizer.backend == 'hf':
-        # The wrapper asks transformers for its default (fast) tokenizer; swap in the slow one.
-        try:
-            from transformers import AutoTokenizer
-            slow = AutoTokenizer.from_pretrained(tokenizer.model.model_dir, use_fast=False,
-                                                 trust_remote_code=True)
-            tokenizer.model.model = slow
-            tokenizer.model._detok_options = None
-        except Exception as e:  # noqa: BLE001
-            print(f'note: no slow tokenizer ({one_line(e, with_type=True)}); using the fast one', file=sys.stderr)
-    return tokenizer
-
-
 def _tokenizer_size(tokenizer) -> Optional[int]:
     """How many ids the tokenizer can decode (HF: with its added tokens)."""
     try:
@@ -236,22 +124,6 @@ def _tokenizer_size(tokenizer) -> Optional[int]:
         return int(tokenizer.vocab_size)
     except Exception:  # noqa: BLE001 - no limit rather than no chat
         return None
-
-
-def _load_model(model_path: str, torch_dtype, trust_remote_code: bool):
-    import logging
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger('transformers').setLevel(logging.ERROR)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype,
-                                                     trust_remote_code=bool(trust_remote_code))
-    except Exception as e:  # noqa: BLE001 - one line instead of a traceback
-        raise CliError(f'cannot load the model from {model_path}: {one_line(e, with_type=True)}',
-                       code=EXIT_ERROR) from None
-    return model.eval()
 
 
 def _stop_ids(tokenizer, model, conversation) -> List[int]:
@@ -302,7 +174,7 @@ def _setup_ranks(device_type: str) -> Ranks:
 
 def _run(**args) -> int:
     settings = _resolve_settings(args)
-    model_path = _check_model_path(args['model_path'])
+    model_path = check_model_path(args['model_path'])
     tokenizer_path = args['tokenizer_path'] if args['tokenizer_path'] is not None else model_path
     tokenizer_path = osp.expanduser(str(tokenizer_path))
     if not osp.exists(tokenizer_path):
@@ -316,8 +188,8 @@ def _run(**args) -> int:
         raise CliError(f"--dtype must be one of auto, fp16, bf16, fp32, got {args['dtype']!r}")
 
     import torch
-    device = _pick_device(args['device'])
-    torch_dtype = _pick_dtype(args['dtype'], device, _config_dtype(model_path) if osp.isdir(model_path) else None)
+    device = pick_device(args['device'])
+    torch_dtype = pick_dtype(args['dtype'], device, config_dtype(model_path) if osp.isdir(model_path) else None)
     ranks = _setup_ranks(device.type)
     if ranks.distributed and device.type == 'cuda':
         device = torch.device('cuda', ranks.local_rank)
@@ -325,8 +197,8 @@ def _run(**args) -> int:
 
     from . import parallel
     from .session import ChatSession
-    tokenizer = _load_tokenizer(tokenizer_path, bool(args['use_fast_tokenizer']))
-    model = _load_model(model_path, torch_dtype, args['trust_remote_code'])
+    tokenizer = load_tokenizer(tokenizer_path, bool(args['use_fast_tokenizer']))
+    model = load_model(model_path, torch_dtype, args['trust_remote_code'])
     conversation, source = _conversation(args, tokenizer, model.config)
     if ranks.distributed:
         # Shard while the weights are still in host memory: no GPU ever holds the whole model.

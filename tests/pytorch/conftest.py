@@ -25,7 +25,7 @@ class Reference:
         from transformers import AutoModelForCausalLM
 
         from lmdeploy.model import get_template
-        from lmdeploy.pytorch.chat import tokenizer_class
+        from lmdeploy.hf_checkpoint import tokenizer_class
         Tokenizer = tokenizer_class()
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()

@@ -113,7 +113,8 @@ def test_detect_model_name(tmp_path):
 def tiny(make_ckpt):
     from transformers import AutoModelForCausalLM
 
-    Tokenizer = cli.tokenizer_class()
+    from lmdeploy.hf_checkpoint import tokenizer_class
+    Tokenizer = tokenizer_class()
     path = str(make_ckpt('gqa', 'safetensors', shards=1))
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model, Tokenizer(path)

@@ -89,10 +89,10 @@ def kv_qparams(model: str, bits: int = 8, granularity: str = 'per_tensor', symme
     dataset = check_calib_dataset(calib_dataset)
     workspace = _check_output_dir(output_dir, num_tp, set_quant_policy)
     # The PyTorch chat's model-path, device and dtype rules (and their messages), shared.
-    from lmdeploy.pytorch.chat import _check_model_path, _config_dtype, _pick_device, _pick_dtype
-    model_path = _check_model_path(model)
-    torch_device = _pick_device(device)
-    torch_dtype = _pick_dtype(dtype, torch_device, _config_dtype(model_path))
+    from lmdeploy.hf_checkpoint import check_model_path, config_dtype, pick_device, pick_dtype
+    model_path = check_model_path(model)
+    torch_device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, torch_device, config_dtype(model_path))
     _check_model_shape(model_path, workspace, num_tp, max_seq_len)
 
     print('Loading calibrate dataset ...', flush=True)
@@ -180,10 +180,10 @@ def _check_model_shape(model_path: str, workspace: Optional[Dict[str, str]], num
 
 def _load_samples(model_path: str, dataset: str, nsamples: int, seqlen: int):
     from lmdeploy.lite.utils.calib_dataloader import get_calib_samples
-    from lmdeploy.pytorch.chat import _load_tokenizer
+    from lmdeploy.hf_checkpoint import load_tokenizer
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()  # tokenizing a whole corpus warns about its length
-    tokenizer = _load_tokenizer(model_path, use_fast=True)
+    tokenizer = load_tokenizer(model_path, use_fast=True)
     return get_calib_samples(dataset, tokenizer.encode, nsamples, seqlen, seed=0)
 
 
@@ -192,8 +192,8 @@ def _calibrate(model_path, torch_dtype, samples, device, offload: bool, progress
     from tqdm import tqdm
 
     from lmdeploy.lite.quantization.calibration import calibrate
-    from lmdeploy.pytorch.chat import _load_model
-    hf = _load_model(model_path, torch_dtype, trust_remote_code=True)
+    from lmdeploy.hf_checkpoint import load_model
+    hf = load_model(model_path, torch_dtype, trust_remote_code=True)
     bar = functools.partial(tqdm, desc='Calibrating: ', disable=not progress)
     try:
         return calibrate(hf, samples, device, offload=offload, progress=bar)
