@@ -210,3 +210,12 @@ def test_a_rank_killed_while_idle_stops_the_engine():
     finally:
         tm.close()
     assert not child_pids()
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(workspace, monkeypatch):
+    from lmdeploy.turbomind.tensor_parallel import check_tp
+    cfg = EngineConfig.from_workspace(workspace('gqa'), device='cuda:1', dtype='fp16')
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    with pytest.raises(ConfigError, match=r'tp=2 needs 2 GPUs from cuda:1 on; 2 visible'):
+        check_tp(cfg, 2)
+    assert check_tp(cfg, 1) == 1
