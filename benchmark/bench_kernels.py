@@ -1,6 +1,6 @@
 """Time the data-plane kernels (Triton vs torch reference) on a CUDA GPU; print a table, write JSON.
 
-    python3 benchmark/bench_kernels.py [--out kernels.json] [--sweep] [--quick]
+    python3 benchmark/bench_kernels.py [--out kernels.json] [--sweep] [--quick] [--only int8]
 
 Decode attention is the headline: batch 64, context 4096, Llama-2-7B heads (32 x 128, MHA)
 and Llama-3-8B's GQA (8 KV heads), block 64, fp16. Its bandwidth is bytes of KV read / time
@@ -8,7 +8,9 @@ and Llama-3-8B's GQA (8 KV heads), block 64, fp16. Its bandwidth is bytes of KV 
 kernels report (bytes read + written) / time. Times are medians of triton.testing.do_bench
 (CUDA events; 'eager' includes the Python launch) and, for the Triton kernels, of CUDA-graph
 replays (device time only, as the engine's decode graphs will see it). `--sweep` also times
-the decode kernel's tunables and prints the best.
+the decode kernel's tunables and prints the best. int8 KV rows (quant_policy 4, static
+per-head scales and online per-token scales) count the int8 bytes (plus the online scales);
+`--only int8` runs them beside the fp16 decode rows they compare with.
 """
 import argparse
 import json
@@ -110,14 +112,33 @@ def make_attention(rows, hq, hkv, D, page, dtype, seed=0):
             int(q_lens.max()), int(kv_lens.max()))
 
 
+def to_int8(args, quant):
+    """The attention inputs with int8 caches (quantised by store_kv) and their kv_qparams:
+    'static' (per-head scale 4/127) or 'online' (per-token scales)."""
+    kc, vc = args[1], args[2]
+    nb, page, hkv, D = kc.shape
+    if quant == 'static':
+        qp = torch.tensor([[4 / 127], [0.0], [4 / 127], [0.0]], device=DEV).repeat(1, hkv)
+    else:
+        qp = torch.zeros(2, nb, hkv, page, device=DEV)
+    k8 = torch.empty(kc.shape, dtype=torch.int8, device=DEV)
+    v8 = torch.empty_like(k8)
+    store_kv_triton(kc.view(-1, hkv, D), vc.view(-1, hkv, D), k8, v8,
+                    torch.arange(nb * page, device=DEV), qp)
+    return (args[0], k8, v8, *args[3:]), qp
+
+
 def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=False,
-                 with_ref=False, with_sdpa=False):
+                 with_ref=False, with_sdpa=False, quant=None):
     args = make_attention([(ctx - 1, 1)] * B, hq, hkv, D, page, dtype)
-    kv_bytes = B * ctx * hkv * D * 2 * args[1].element_size()
-    shape = f'B{B} ctx{ctx} hq{hq} hkv{hkv} p{page}'
+    qp = None
+    if quant:
+        args, qp = to_int8(args, quant)
+    kv_bytes = B * ctx * hkv * (D * 2 * args[1].element_size() + (8 if quant == 'online' else 0))
+    shape = f'B{B} ctx{ctx} hq{hq} hkv{hkv} p{page}' + (f' int8-{quant}' if quant else '')
     splits, part = tpa.decode_splits(B, hkv, ctx, torch.device(DEV))
-    fn = lambda: tpa.paged_attention_triton(*args)  # noqa: E731
-    ref = paged_attention_ref(*args)
+    fn = lambda: tpa.paged_attention_triton(*args, kv_qparams=qp)  # noqa: E731
+    ref = paged_attention_ref(*args, kv_qparams=qp)
     err = float((fn().double() - ref.double()).norm() / ref.double().norm())
     best = record('decode_attn', shape, 'triton', ms_eager(fn), nbytes=kv_bytes,
                   graph_ms=ms_graph(fn), splits=splits, partition=part, rel_err=err)
@@ -127,12 +148,18 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
             for warps in (4, 8):
                 for stages in (2, 4):
                     cands.append(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages))
-        cands += [dict(use_dot=False, BLOCK_N=32, num_warps=4, num_stages=2),
-                  dict(use_dot=False, BLOCK_N=64, num_warps=4, num_stages=3),
-                  dict(waves=8), dict(waves=1)]
+        if quant:  # int8 tiles are half the bytes: deeper pipelines keep as many in flight
+            cands = [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, w, st in
+                     ((64, 4, 3), (64, 4, 5), (64, 4, 7), (32, 4, 7), (128, 4, 5), (64, 8, 5),
+                      (128, 8, 5))]
+        else:
+            cands += [dict(use_dot=False, BLOCK_N=32, num_warps=4, num_stages=2),
+                      dict(use_dot=False, BLOCK_N=64, num_warps=4, num_stages=3),
+                      dict(waves=8), dict(waves=1)]
         results = []
         for c in cands:
-            f = lambda c=c: tpa.paged_attention_triton(*args, decode_cfg=c)  # noqa: E731
+            f = lambda c=c: tpa.paged_attention_triton(*args, kv_qparams=qp,  # noqa: E731
+                                                       decode_cfg=c)
             try:
                 o = f()
                 e = float((o.double() - ref.double()).norm() / ref.double().norm())
@@ -148,7 +175,7 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
             ms, c, e = results[0]
             record('decode_attn', shape, 'triton-best', ms, nbytes=kv_bytes, graph_ms=ms,
                    cfg=c, rel_err=e)
-    if with_sdpa:  # anchor: torch SDPA over the same KV stored dense (no paging)
+    if with_sdpa and not quant:  # anchor: torch SDPA over the same KV stored dense (no paging)
         k = args[1].view(-1, hkv, D)[:B * ctx].view(B, ctx, hkv, D).transpose(1, 2)
         v = args[2].view(-1, hkv, D)[:B * ctx].view(B, ctx, hkv, D).transpose(1, 2)
         k, v = k.contiguous(), v.contiguous()
@@ -252,11 +279,42 @@ def bench_elementwise(T, dtype=torch.float16):
                graph_ms=ms_graph(f) if impl == 'triton' else None)
 
 
+def bench_store_int8(T, quant):
+    hkv, D, page = 32, 128, 64
+    k = torch.randn(T, hkv, D, device=DEV, dtype=torch.float16)
+    v = torch.randn_like(k)
+    nblk = triton.cdiv(T, page) * 4
+    (_, kc, vc, *_), qp = to_int8((None, torch.zeros(nblk, page, hkv, D, device=DEV),
+                                   torch.zeros(nblk, page, hkv, D, device=DEV)), quant)
+    slots = torch.randperm(nblk * page, device=DEV)[:T]
+    nb = 2 * T * hkv * D * (2 + 1) + (2 * T * hkv * 4 if quant == 'online' else 0)
+    f = lambda: store_kv_triton(k, v, kc, vc, slots, qp)  # noqa: E731
+    record('store_kv', f'T{T} hkv{hkv} p{page} int8-{quant}', 'triton', ms_eager(f), nbytes=nb,
+           graph_ms=ms_graph(f))
+
+
+def bench_int8(sweep):
+    """int8 KV rows beside the fp16 rows they compare with."""
+    for hkv in (32, 8):
+        bench_decode(64, 4096, 32, hkv)
+        for quant in ('static', 'online'):
+            bench_decode(64, 4096, 32, hkv, quant=quant,
+                         sweep=sweep and hkv == 32 and quant == 'static')
+    bench_decode(1, 4096, 32, 32)
+    bench_decode(1, 4096, 32, 32, quant='static')
+    bench_decode(128, 2048, 32, 32, quant='static')
+    for quant in ('static', 'online'):
+        bench_store_int8(4096, quant)
+        bench_store_int8(64, quant)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', default='bench_kernels.json')
     ap.add_argument('--sweep', action='store_true')
     ap.add_argument('--quick', action='store_true')
+    ap.add_argument('--only', choices=['all', 'int8'], default='all',
+                    help='int8: only the int8 KV rows and the fp16 rows they compare with')
     a = ap.parse_args()
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
@@ -266,6 +324,9 @@ def main():
     print(info)
     print(HEADER)
     copy_bandwidth()
+    if a.only == 'int8':
+        bench_int8(a.sweep)
+        return finish(info, t0, a.out)
     bench_decode(64, 4096, 32, 32, sweep=a.sweep, with_ref=not a.quick, with_sdpa=True)
     bench_decode(64, 4096, 32, 8, sweep=a.sweep, with_sdpa=True)
     bench_decode(64, 4096, 32, 32, dtype=torch.bfloat16)
@@ -282,11 +343,16 @@ def main():
     bench_prefill([(1024, 256)] * 4, 32, 8, name='4x256 chunks on 1024 (GQA8)')
     for T in (64, 4096):
         bench_elementwise(T)
+    bench_int8(False)
+    finish(info, t0, a.out)
+
+
+def finish(info, t0, out):
     info['seconds'] = time.time() - t0
     print('\n' + HEADER)
     for r in ROWS:
         print(fmt_row(r))
-    with open(a.out, 'w') as f:
+    with open(out, 'w') as f:
         json.dump(dict(info=info, rows=ROWS), f, indent=1, default=str)
 
 

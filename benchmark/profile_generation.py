@@ -6,6 +6,8 @@ streaming so first-token latency is real).
     python benchmark/profile_generation.py --dummy llama2-7b --grid B1 --compare hf \
         --out b1.json                                               # BENCHMARKS.md B1
     python benchmark/profile_generation.py --dummy llama2-7b --rows 64:1:128,64:128:128
+    python benchmark/profile_generation.py --dummy llama2-7b --rows max:128:2048 \
+        --quant_policy 4 --kv_int8_scales online                    # B2 int8 KV, max batch
 
 Each row (concurrency C, input I, output O) submits C requests of I prompt tokens together
 (greedy, ignore_eos, O new tokens each), `--test_round` times, and measures per request the
@@ -60,11 +62,23 @@ def _progress(total: int, desc: str):
         return _Bar()
 
 
+MAX_BATCH = 0  # a row's concurrency 'max': as many sessions of the row as the KV pool holds
+MAX_BATCH_LIMIT = 128  # max_batch_size for 'max' rows when --max_batch_size is not given
+
+
+def max_concurrency(tm, i: int, o: int) -> int:
+    """Sessions of i + o tokens that fit in the KV pool at once (at most max_batch_size)."""
+    cfg = tm.config
+    per_session = -(-(max(i, 1) + o) // cfg.block_size)
+    return max(1, min(cfg.max_batch_size, tm.engine.runner.num_blocks // per_session))
+
+
 def parse_rows(args) -> List[tuple]:
     if args.rows:
         rows = []
         for item in args.rows.split(','):
-            c, i, o = (int(x) for x in item.split(':'))
+            c, i, o = item.split(':')
+            c, i, o = (MAX_BATCH if c == 'max' else int(c)), int(i), int(o)
             rows.append((c, i, o))
         return rows
     if args.grid == 'B1':
@@ -283,7 +297,9 @@ def main(argv=None):
                    'llama2-7b | llama3-8b | llama2-13b | tiny')
     p.add_argument('--grid', choices=['B1', 'B2'], default=None)
     p.add_argument('--grid_concurrency', default=None, help='B2 concurrencies, e.g. 1,64')
-    p.add_argument('--rows', default=None, help='explicit rows C:IN:OUT,C:IN:OUT,...')
+    p.add_argument('--rows', default=None, help='explicit rows C:IN:OUT,C:IN:OUT,...; C = max: '
+                   'as many concurrent sessions as the KV pool holds (up to --max_batch_size, '
+                   f'default {MAX_BATCH_LIMIT} for such rows)')
     p.add_argument('--compare', choices=['hf'], default=None)
     p.add_argument('--hf_output_seqlen', type=int, default=64)
     p.add_argument('--trace', action='store_true', help='bs1 decode-step timing + kernel table')
@@ -296,6 +312,11 @@ def main(argv=None):
     p.add_argument('--cache_max_entry_count', type=float, default=None)
     p.add_argument('--block_size', type=int, default=None)
     p.add_argument('--no_cuda_graph', action='store_true')
+    p.add_argument('--quant_policy', type=int, default=None, choices=(0, 4),
+                   help='4: int8 KV cache (default: the config, 0 for --dummy)')
+    p.add_argument('--kv_int8_scales', default=None, choices=('per_tensor', 'per_head', 'online'),
+                   help='int8 KV scales: calibrated files (per_tensor / per_head; --dummy uses '
+                        'synthetic ones) or online (per token, no files)')
     p.add_argument('--no_warmup', action='store_true')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
@@ -307,12 +328,15 @@ def main(argv=None):
     max_c = max(c for c, _, _ in rows)
     need_len = max(max(i, 1) + o for _, i, o in rows) + 8
     overrides = dict(device=args.device, dtype=args.dtype, block_size=args.block_size,
-                     max_batch_size=args.max_batch_size or max(max_c, 1),
+                     max_batch_size=args.max_batch_size or (
+                         MAX_BATCH_LIMIT if any(c == MAX_BATCH for c, _, _ in rows)
+                         else max(max_c, 1)),
                      max_prefill_tokens=args.max_prefill_tokens,
                      cache_max_entry_count=args.cache_max_entry_count,
                      session_len=args.session_len or need_len)
     if args.no_cuda_graph:
         overrides['cuda_graph'] = False
+    overrides.update(quant_policy=args.quant_policy, kv_int8_scales=args.kv_int8_scales)
     if args.cache_max_entry_count is None:
         overrides['cache_max_entry_count'] = 0.6 if args.compare else 0.9
     if args.max_prefill_tokens is None:
@@ -325,11 +349,18 @@ def main(argv=None):
           f'graphs {runner.graphs.buckets if runner.graphs else None}, memory '
           f'{ {k: round(v / 2**30, 3) for k, v in runner.memory.items()} } GiB', flush=True)
     results = dict(args=vars(args), config=str(tm.config), build_s=build_s,
-                   memory=runner.memory, rows=[], compare=[])
+                   memory=runner.memory, rows=[], compare=[],
+                   kv_tokens=runner.num_blocks * tm.config.block_size,
+                   sessions_2048=runner.num_blocks // -(-2048 // tm.config.block_size))
+    print(f'KV pool: {results["kv_tokens"]} tokens = {results["sessions_2048"]} concurrent '
+          '2048-token sessions', flush=True)
     if torch.cuda.is_available() and runner.device.type == 'cuda':
         results['gpu'] = torch.cuda.get_device_name(runner.device)
     try:
         for c, i, o in rows:
+            if c == MAX_BATCH:
+                c = max_concurrency(tm, i, o)
+                print(f'max batch for {i}/{o}: {c} sessions', flush=True)
             results['rows'].append(profile_row(tm, c, i, o, args.test_round,
                                                not args.no_warmup, args.seed))
         if args.compare == 'hf':

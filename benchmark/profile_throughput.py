@@ -208,6 +208,8 @@ def parse_args(argv=None):
     p.add_argument('--concurrency', type=int, default=256, help='client threads (default 256)')
     p.add_argument('--num_prompts', type=int, default=3000, help='requests (default 3000)')
     p.add_argument('--quant_policy', type=int, default=0, choices=(0, 4), help='4: int8 KV')
+    p.add_argument('--kv_int8_scales', default=None, choices=('per_tensor', 'per_head', 'online'),
+                   help='int8 KV scales (default: the config\'s, per_tensor)')
     p.add_argument('--seed', type=int, default=0, help='dataset and sampling seed')
     p.add_argument('--max_batch_size', type=int, default=None, help='engine override')
     p.add_argument('--cache_max_entry_count', type=float, default=None, help='engine override')
@@ -233,6 +235,8 @@ def main(argv=None):
                                                'session_len') if getattr(args, k) is not None}
     if args.quant_policy:
         overrides['quant_policy'] = args.quant_policy
+    if args.kv_int8_scales:
+        overrides['kv_int8_scales'] = args.kv_int8_scales
     tm = TurboMind(args.model_path, dummy=args.dummy, tp=args.tp, **overrides)
     try:
         requests = load_requests(args, tm.tokenizer, tm.config.vocab_size, tm.session_len)

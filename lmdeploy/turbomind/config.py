@@ -25,6 +25,12 @@ Engine keys that v0.0.2 did not have:
 * ``chunked_prefill``: split long prompts over steps within ``max_prefill_tokens`` (default on).
 * ``cuda_graph``: replay decode-only steps from CUDA graphs captured per batch-size bucket
   (default on; it only takes effect on CUDA, the CPU path never captures).
+* ``kv_int8_scales``: where int8 KV (``quant_policy = 4``) takes its scales: 'per_tensor'
+  (default; v0.0.2's ``layers.{i}.past_kv_scale.{tp}.weight`` files, 2 floats symmetric or 4
+  asymmetric), 'per_head' (the ``....per_head.weight`` files) or 'online' (no files: a scale
+  per token and head computed when the KV is written and kept beside the blocks).
+  ``use_context_fmha`` is accepted with int8 and changes nothing: attention always reads the
+  (dequantised) pool.
 """
 import configparser
 import dataclasses
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict
 
 DTYPES = ('fp32', 'fp16', 'bf16')
+KV_INT8_SCALES = ('per_tensor', 'per_head', 'online')
 WEIGHT_TYPES = ('fp16', 'fp32')  # what the loader reads; v0.0.2 also named int8/int4
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -78,6 +85,7 @@ class EngineConfig:
     device: str = ''  # '' -> cuda if available else cpu
     chunked_prefill: bool = True  # False: a prompt is prefilled in one step, whatever its length
     cuda_graph: bool = True  # decode steps from CUDA graphs (CUDA only)
+    kv_int8_scales: str = 'per_tensor'  # quant_policy 4: per_tensor | per_head | online
     # --- where it came from ---
     weight_dir: str = ''
     extra: Dict[str, str] = field(default_factory=dict)
@@ -207,6 +215,9 @@ class EngineConfig:
                               f'{", ".join(WEIGHT_TYPES)})')
         if self.quant_policy not in (0, 4):
             raise ConfigError(f'quant_policy must be 0 or 4 (int8 KV), got {self.quant_policy}')
+        if self.kv_int8_scales not in KV_INT8_SCALES:
+            raise ConfigError(f'kv_int8_scales must be one of {", ".join(KV_INT8_SCALES)}, got '
+                              f'{self.kv_int8_scales!r}')
         if not (self.device == 'cpu' or self.device == 'cuda' or
                 (self.device.startswith('cuda:') and self.device[5:].isdigit())):
             raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")

@@ -1,25 +1,31 @@
-"""CUDA graphs for decode-only steps, one per batch-size bucket.
+"""CUDA graphs for small steps: decode-only steps, one graph per batch-size bucket, and
+one-row prompt (or prompt-chunk) steps, one graph per token-count bucket. Eager launches of a
+7B forward cost ~20 ms of host time, far more than a small step's GPU time; a replay costs one
+host-to-device copy plus the replay.
 
-A decode-only step (every row has q_len 1, so T == B) of B rows runs the graph of the smallest
-bucket >= B. Each bucket's graph captured the whole model forward over static buffers:
+Each graph captured the whole model forward over one static int64 buffer:
 
-    packed [Bk * (4 + W)] int64 = input_ids | positions | slot_mapping | kv_lens | block_table
-                                                               (W = ceil(session_len / block_size))
+    packed = input_ids[T] | positions[T] | slot_mapping[T] | kv_lens[R] | sample_idx[S]
+             | block_table[R, W]                          (W = ceil(session_len / block_size))
 
-Inside the graph the packed buffer is sliced (and kv_lens / block_table cast to int32), so a
-replay costs ONE host-to-device copy (from a pinned staging buffer) plus the replay. cu_seqlens
-(= arange) and sample_idx (= arange) are constants of the bucket. Rows B..Bk-1 are padding:
-token 0 at position 0, slot -1 (store_kv skips it), kv_len 1 over whatever block id is in the
-table row (only read, and every value there is a valid pool block: zeros at start, later
-earlier rows' first blocks); their logits are dropped.
+sliced (and kv_lens / block_table cast to int32) inside the graph. cu_seqlens is a constant of
+the graph.
 
-Attention's split count is a host-side launch parameter: the graphs are captured with the
+* Decode graph (R = T = S = bucket): rows B..bucket-1 are padding: token 0 at position 0,
+  slot -1 (store_kv skips it), kv_len 1 over whatever block id is in the table row (only read;
+  every value there is a valid pool block: zeros at start, later earlier rows' first blocks);
+  their logits are dropped. sample_idx is the constant arange.
+* Prompt graph (R = S = 1, T = bucket): a row of n <= T new tokens over any cached prefix is
+  run as a row of T tokens whose last T - n are padding: they follow the real ones (so no real
+  token attends to them), are never written (slot -1), and their table entries point at the
+  row's first block (read only by the padding). kv_len is declared as prefix + T, so the real
+  token i still sits at position prefix + i. sample_idx (one entry) is the real last token.
+
+Attention's decode split count is a host-side launch parameter: graphs are captured with the
 hint ``max_kv_len = capture_kv_len`` (session_len), valid for any kv_lens up to it. The eager
-path uses the same hint for decode-only steps (ModelRunner), so graphs on and off run the
-same partitions and give the same numbers at bucket sizes.
-
-All graphs share one memory pool (captured largest first); only each graph's output logits
-stay allocated between replays.
+path uses the same hint for decode-only steps (ModelRunner), so graphs on and off run the same
+partitions. All graphs share one memory pool (captured largest first); only each graph's output
+logits stay allocated between replays.
 """
 import logging
 from typing import Dict, List, Optional
@@ -47,63 +53,117 @@ def default_buckets(max_batch_size: int) -> List[int]:
     return sorted(set(out))
 
 
-class _Graph:
+def prompt_buckets(max_tokens: int) -> List[int]:
+    """Token-count buckets of the one-row prompt graphs: 16, 32, ..., up to min(512,
+    max_tokens). Longer prompts are GPU-bound: eager launches cost nothing there."""
+    out, t = [], 16
+    while t <= min(512, max_tokens):
+        out.append(t)
+        t *= 2
+    return out
 
-    def __init__(self, bucket: int, width: int, device):
-        self.bucket = bucket
-        self.width = width
-        n = bucket * (4 + width)
+
+class _Graph:
+    """One captured forward: `rows` rows, `tokens` new tokens, `samples` logits rows."""
+
+    def __init__(self, rows: int, tokens: int, width: int, block_size: int, device):
+        self.rows, self.tokens, self.width, self.block_size = rows, tokens, width, block_size
+        self.is_decode = rows == tokens
+        self.samples = rows
+        R, T, S = rows, tokens, self.samples
+        self.offsets = np.cumsum([0, T, T, T, R, S, R * width]).tolist()
+        n = self.offsets[-1]
         self.packed = torch.zeros(n, dtype=torch.long, device=device)
         self.host = torch.zeros(n, dtype=torch.long, pin_memory=True)
         self.host_np = self.host.numpy()
         self.copy_done = torch.cuda.Event()
         self.copy_pending = False
-        self.cu_seqlens = torch.arange(bucket + 1, dtype=torch.int32, device=device)
-        self.sample_idx = torch.arange(bucket, dtype=torch.long, device=device)
+        cu = np.arange(R + 1) if self.is_decode else np.array([0, T])
+        self.cu_seqlens = torch.as_tensor(cu, dtype=torch.int32, device=device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.logits: Optional[torch.Tensor] = None
-        self.reset_padding(0)
+        ids, pos, slots, kvl, sidx, _ = self.views(self.host_np)
+        sidx[:] = np.arange(S) if self.is_decode else T - 1
+        slots[:] = -1
+        kvl[:] = 1 if self.is_decode else T
         self.packed.copy_(self.host)
 
-    # views of the host staging buffer
-    def host_views(self):
-        Bk, h = self.bucket, self.host_np
-        return (h[0:Bk], h[Bk:2 * Bk], h[2 * Bk:3 * Bk], h[3 * Bk:4 * Bk],
-                h[4 * Bk:].reshape(Bk, self.width))
+    def views(self, buf):
+        """(input_ids, positions, slot_mapping, kv_lens, sample_idx, block_table) of `buf`."""
+        o = self.offsets
+        parts = [buf[o[i]:o[i + 1]] for i in range(6)]
+        parts[5] = parts[5].reshape(self.rows, self.width)
+        return parts
 
-    def reset_padding(self, b: int):
-        ids, pos, slots, kvl, _ = self.host_views()
-        ids[b:] = 0
-        pos[b:] = 0
-        slots[b:] = -1
-        kvl[b:] = 1
-
-    def step(self, capture_kv_len: int) -> StepInput:
+    def step_input(self, capture_kv_len: int) -> StepInput:
         """The StepInput over the packed device buffer (slices/casts: captured in the graph)."""
-        Bk, p = self.bucket, self.packed
-        return StepInput(
-            input_ids=p[0:Bk], positions=p[Bk:2 * Bk], cu_seqlens=self.cu_seqlens,
-            kv_lens=p[3 * Bk:4 * Bk].to(torch.int32),
-            block_table=p[4 * Bk:].view(Bk, self.width).to(torch.int32),
-            slot_mapping=p[2 * Bk:3 * Bk], sample_idx=self.sample_idx, max_q_len=1,
-            max_kv_len=capture_kv_len, num_decode=Bk)
+        ids, pos, slots, kvl, sidx, table = self.views(self.packed)
+        return StepInput(input_ids=ids, positions=pos, cu_seqlens=self.cu_seqlens,
+                         kv_lens=kvl.to(torch.int32), block_table=table.to(torch.int32),
+                         slot_mapping=slots, sample_idx=sidx, max_q_len=self.tokens // self.rows,
+                         max_kv_len=capture_kv_len, num_decode=self.rows if self.is_decode else 0)
+
+    def load(self, step: StepInput):
+        """Stage `step` into the graph's buffer (padding as the module doc says) and copy it
+        to the device (one copy from pinned memory when the plan is on the host)."""
+        if self.copy_pending:  # the previous copy from the staging buffer must be done
+            self.copy_done.synchronize()
+        B, n = step.batch_size, step.num_tokens
+        on_host = step.input_ids.device.type == 'cpu'
+        buf = self.host_np if on_host else self.packed
+        ids, pos, slots, kvl, sidx, table = self.views(buf)
+
+        def put(dst, src):
+            dst[...] = src.numpy() if on_host else src
+
+        put(ids[:n], step.input_ids)
+        put(pos[:n], step.positions)
+        put(slots[:n], step.slot_mapping)
+        w = step.block_table.shape[1]
+        put(table[:B, :w], step.block_table)
+        ids[n:] = 0
+        slots[n:] = -1
+        if self.is_decode:
+            put(kvl[:B], step.kv_lens)
+            pos[n:] = 0
+            kvl[B:] = 1
+        else:
+            pad = self.tokens - n
+            kv_len = int(step.kv_lens[0])
+            kvl[0] = kv_len + pad
+            put(sidx[:], step.sample_idx)
+            if pad:
+                ar = np.arange(1, pad + 1) if on_host else torch.arange(
+                    1, pad + 1, device=buf.device)
+                pos[n:] = pos[n - 1] + ar
+            real, blocks = -(-kv_len // self.block_size), -(-(kv_len + pad) // self.block_size)
+            table[0, real:blocks] = table[0, 0]
+        if on_host:
+            self.packed.copy_(self.host, non_blocking=True)
+            self.copy_done.record()
+            self.copy_pending = True
 
 
-class DecodeGraphs:
-    """Captured decode graphs of one runner. `run(step)` for a decode-only step, else None."""
+class CudaGraphs:
+    """Captured graphs of one runner. `run(step)` replays for a decode-only step or a one-row
+    prompt step that fits a bucket, else returns None (the caller runs eagerly)."""
 
     def __init__(self, model, kv_cache, width: int, capture_kv_len: int, device,
-                 buckets: List[int]):
+                 buckets: List[int], prompt_buckets: List[int] = ()):
         self.model = model
         self.kv_cache = kv_cache
         self.width = width
+        self.block_size = kv_cache.block_size
         self.capture_kv_len = capture_kv_len
         self.device = device
         self.buckets = sorted(set(int(b) for b in buckets if b > 0))
+        self.prompt_buckets = sorted(set(int(t) for t in prompt_buckets if t > 1))
         self.graphs: Dict[int, _Graph] = {}
+        self.prompt_graphs: Dict[int, _Graph] = {}
         self.pool = None
         self.memory_bytes = 0
         self.replays = 0  # how many steps ran from a graph (tests check the path is taken)
+        self.prompt_replays = 0
 
     @torch.inference_mode()
     def capture(self):
@@ -111,74 +171,64 @@ class DecodeGraphs:
         before = torch.cuda.memory_reserved(self.device)
         self.pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
-        for bucket in sorted(self.buckets, reverse=True):
-            g = _Graph(bucket, self.width, self.device)
+        todo = [(b, b) for b in self.buckets] + [(1, t) for t in self.prompt_buckets]
+        for rows, tokens in sorted(todo, key=lambda rt: rt[1] * 64 + rt[0], reverse=True):
+            g = _Graph(rows, tokens, self.width, self.block_size, self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):  # warm-up: JIT compiles, cuBLAS handles
-                self.model.forward(g.step(self.capture_kv_len), self.kv_cache)
+                self.model.forward(g.step_input(self.capture_kv_len), self.kv_cache)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                g.logits = self.model.forward(g.step(self.capture_kv_len), self.kv_cache)
+                g.logits = self.model.forward(g.step_input(self.capture_kv_len), self.kv_cache)
             g.graph = graph
-            self.graphs[bucket] = g
+            (self.graphs if g.is_decode else self.prompt_graphs)[tokens] = g
         torch.cuda.synchronize(self.device)
         self.memory_bytes = torch.cuda.memory_reserved(self.device) - before
-        logger.info('captured %d decode graphs (buckets %s), %.1f MiB', len(self.graphs),
-                    self.buckets, self.memory_bytes / 2**20)
+        logger.info('captured %d decode graphs (buckets %s) and %d prompt graphs (tokens %s), '
+                    '%.1f MiB', len(self.graphs), self.buckets, len(self.prompt_graphs),
+                    self.prompt_buckets, self.memory_bytes / 2**20)
 
     def bucket_for(self, batch: int) -> Optional[int]:
-        for b in self.buckets:
-            if b >= batch:
-                return b
-        return None
+        return next((b for b in self.buckets if b >= batch), None)
 
-    def eligible(self, step: StepInput) -> bool:
-        B = step.batch_size
-        return (B > 0 and step.num_tokens == B and B <= self.buckets[-1]
-                and (not step.max_kv_len or step.max_kv_len <= self.capture_kv_len)
-                and step.block_table.shape[1] <= self.width)
+    def _graph_for(self, step: StepInput) -> Optional[_Graph]:
+        B, T = step.batch_size, step.num_tokens
+        if B == 0 or step.block_table.shape[1] > self.width:
+            return None
+        if T == B:
+            if B > self.buckets[-1] or (step.max_kv_len and
+                                        step.max_kv_len > self.capture_kv_len):
+                return None
+            return self.graphs.get(self.bucket_for(B))
+        if B != 1 or step.sample_idx.shape[0] != 1 or not self.prompt_buckets:
+            return None
+        tokens = next((t for t in self.prompt_buckets if t >= T), None)
+        if tokens is None:
+            return None
+        kv_len = int(step.kv_lens[0]) + tokens - T
+        if -(-kv_len // self.block_size) > self.width or kv_len > self.capture_kv_len:
+            return None
+        return self.prompt_graphs.get(tokens)
 
     def run(self, step: StepInput) -> Optional[torch.Tensor]:
-        """Replay for a decode-only step; fp32 logits [len(sample_idx), V]. None when the
-        step is not decode-only (or does not fit a bucket)."""
-        if not self.graphs or not self.eligible(step):
+        """Replay for a step a graph serves; fp32 logits [len(sample_idx), V]. None when no
+        graph fits the step."""
+        g = self._graph_for(step) if (self.graphs or self.prompt_graphs) else None
+        if g is None:
             return None
-        B = step.batch_size
-        g = self.graphs[self.bucket_for(B)]
-        Bk = g.bucket
-        if g.copy_pending:  # the previous copy from the staging buffer must be done
-            g.copy_done.synchronize()
-        on_host = step.input_ids.device.type == 'cpu'
-        if on_host:
-            ids, pos, slots, kvl, table = g.host_views()
-            ids[:B] = step.input_ids.numpy()
-            pos[:B] = step.positions.numpy()
-            slots[:B] = step.slot_mapping.numpy()
-            kvl[:B] = step.kv_lens.numpy()
-            w = step.block_table.shape[1]
-            table[:B, :w] = step.block_table.numpy()
-            g.reset_padding(B)
-            g.packed.copy_(g.host, non_blocking=True)
-            g.copy_done.record()
-            g.copy_pending = True
-        else:
-            p = g.packed
-            p[0:B].copy_(step.input_ids)
-            p[Bk:Bk + B].copy_(step.positions)
-            p[2 * Bk:2 * Bk + B].copy_(step.slot_mapping)
-            p[3 * Bk:3 * Bk + B].copy_(step.kv_lens)
-            w = step.block_table.shape[1]
-            p[4 * Bk:].view(Bk, self.width)[:B, :w].copy_(step.block_table)
-            p[B:Bk].zero_()
-            p[Bk + B:2 * Bk].zero_()
-            p[2 * Bk + B:3 * Bk].fill_(-1)
-            p[3 * Bk + B:4 * Bk].fill_(1)
+        g.load(step)
         g.graph.replay()
-        self.replays += 1
+        if g.is_decode:
+            self.replays += 1
+        else:
+            self.prompt_replays += 1
+            return g.logits.clone()  # the graph's buffer is rewritten by the next replay
+        B = step.batch_size
         logits = g.logits
         S = step.sample_idx.shape[0]
-        if on_host and S == B and np.array_equal(step.sample_idx.numpy(), np.arange(B)):
-            return logits[:B].clone()  # the graph's buffer is rewritten by the next replay
+        if (step.sample_idx.device.type == 'cpu' and S == B
+                and np.array_equal(step.sample_idx.numpy(), np.arange(B))):
+            return logits[:B].clone()
         return logits.index_select(0, step.sample_idx.to(logits.device, torch.long))

@@ -199,3 +199,17 @@ def hf_model(cfg: EngineConfig, w: ModelWeights):
     model.eval()
     model.generation_config.pad_token_id = 0
     return model
+
+
+# Dummy activations are ~N(0, 1) (see the module doc), so |K|, |V| stay below ~6: the synthetic
+# per-tensor scale of a dummy shape with quant_policy 4 and static (per_tensor / per_head) scales.
+DUMMY_KV_ABSMAX = 6.0
+
+
+def dummy_kv_scales(cfg: EngineConfig, rank: int = 0, tp: Optional[int] = None) -> torch.Tensor:
+    """Synthetic symmetric int8 KV scales (DUMMY_KV_ABSMAX / 127 for every head, zero-points 0)
+    in `kv_scales.load_kv_scales`' layout: [num_layer, 4, kv_head_num // tp] fp32."""
+    tp = cfg.tensor_para_size if tp is None else int(tp)
+    out = torch.zeros(cfg.num_layer, 4, cfg.kv_head_num // tp)
+    out[:, 0] = out[:, 2] = DUMMY_KV_ABSMAX / 127
+    return out

@@ -1,5 +1,5 @@
 """ModelRunner: one rank's data plane. It owns the config, the weights, the KV pool, the model
-and its decode CUDA graphs, and runs one step:
+and its CUDA graphs (decode and small-prompt steps), and runs one step:
 
     runner = ModelRunner(EngineConfig.from_workspace('./workspace'))
     logits = runner.run(step_input)       # fp32 [len(sample_idx), vocab_size]
@@ -10,15 +10,18 @@ Construction order is the memory plan's (GPU):
 
 1. a fit check BEFORE loading: the weights' size (from the shape) plus one session of KV
    against free device memory -- a clear error instead of an OOM half way through loading;
-2. weights;
+2. int8 KV scales (``quant_policy = 4`` with calibrated scales; kv_scales.py), then weights;
 3. a profiling forward of ``max_prefill_tokens`` dummy prompt tokens plus ``max_batch_size``
    decode rows over a scratch KV pool: its ``max_memory_allocated`` growth is the activation
    peak (plus a margin for the sampler's ``[max_batch_size, vocab]`` fp32 work);
-4. a reserve for the decode CUDA graphs' memory pool (their logits outputs plus the largest
+4. a reserve for the CUDA graphs' memory pool (their logits outputs plus the largest
    bucket's activations);
 5. the KV pool from ``cache_max_entry_count``: <= 1 is that fraction of what is free after 3
    and 4; > 1 is v0.0.2's count of ``session_len``-long sessions (an error if they do not fit);
-6. the decode graphs (`cuda_graph.py`), captured over the pool.
+6. the CUDA graphs (`cuda_graph.py`), captured over the pool.
+
+int8 KV halves `KVCache.bytes_per_block`, so the same memory gives twice the blocks (online
+scales cost 4 bytes per token, head and K/V on top).
 
 `memory` (a dict) reports every term in bytes.
 """
@@ -29,9 +32,10 @@ import torch
 
 from . import kernels as _kernels
 from .config import EngineConfig
-from .cuda_graph import DecodeGraphs, default_buckets
+from .cuda_graph import CudaGraphs, default_buckets, prompt_buckets
 from .distributed import SingleRank
-from .kv_cache import KVCache
+from .kv_cache import KVCache, kv_quant_mode
+from .kv_scales import load_kv_scales
 from .models import build_model
 from .step_input import RowPlan, StepInput, build_step_input
 from .weights import load_weights
@@ -55,9 +59,6 @@ class ModelRunner:
         (`comm.min_int`, so every rank gets the same blocks) and the graph captures are
         collective. cuda_graph overrides cfg.cuda_graph (graphs are only ever captured on
         CUDA)."""
-        if cfg.quant_policy & 4:
-            raise NotImplementedError('int8 KV cache (quant_policy=4) is not implemented in the '
-                                      'data plane yet')
         self.cfg = cfg
         self.rank = rank
         self.tp = cfg.tensor_para_size if tp is None else int(tp)
@@ -71,18 +72,19 @@ class ModelRunner:
         self.memory = {}
         if self.device.type == 'cuda':
             self._check_fits()
+        self.kv_scales = self._load_kv_scales()  # before the weights: a bad file fails fast
         init = weights_init or load_weights
         self.weights = init(cfg, rank, self.tp, self.device, self.dtype)
         self.comm = comm or SingleRank()
         self.model = build_model(cfg, self.weights, self.kernels, self.comm)
         self.num_blocks = self.comm.min_int(self.plan_num_blocks())
         self.kv_cache = KVCache.from_config(cfg, self.num_blocks, self.tp, self.device,
-                                            self.dtype)
-        self.graphs: Optional[DecodeGraphs] = None
+                                            self.dtype, self.kv_scales)
+        self.graphs: Optional[CudaGraphs] = None
         if self.use_cuda_graph:
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, cfg.blocks_per_session(),
-                                       cfg.session_len, self.device,
-                                       default_buckets(cfg.max_batch_size))
+            self.graphs = CudaGraphs(self.model, self.kv_cache, cfg.blocks_per_session(),
+                                     cfg.session_len, self.device,
+                                     default_buckets(cfg.max_batch_size), self._prompt_buckets())
             self.graphs.capture()
             self.memory['graphs'] = self.graphs.memory_bytes
         if self.device.type == 'cuda':
@@ -92,6 +94,16 @@ class ModelRunner:
     @property
     def block_size(self) -> int:
         return self.cfg.block_size
+
+    def _load_kv_scales(self) -> Optional[torch.Tensor]:
+        """Static int8 KV scales of this rank (kv_scales.py); synthetic ones for dummy shapes
+        (no files); None for float or online KV."""
+        if kv_quant_mode(self.cfg) != 'static':
+            return None
+        if self.cfg.extra.get('dummy'):
+            from .dummy import dummy_kv_scales
+            return dummy_kv_scales(self.cfg, self.rank, self.tp)
+        return load_kv_scales(self.cfg, self.rank, self.tp)
 
     # ----------------------------------------------------------------------------------------
     # Memory plan
@@ -174,17 +186,22 @@ class ModelRunner:
                            free_before_kv=free)
         return max(0, free - activations - sampler - graphs - GPU_SLACK_BYTES)
 
+    def _prompt_buckets(self):
+        return prompt_buckets(min(self.cfg.max_prefill_tokens, self.cfg.session_len))
+
     def graph_reserve_bytes(self) -> int:
-        """The decode graphs' pool: every bucket's fp32 logits stay allocated, plus twice the
-        largest bucket's per-layer activations (the pool is shared, captured largest first)."""
+        """The graphs' pool: every graph's fp32 logits stay allocated, plus twice the largest
+        graph's per-layer activations (the pool is shared, captured largest first)."""
         cfg = self.cfg
         buckets = default_buckets(cfg.max_batch_size)
+        prompts = self._prompt_buckets()
         elem = torch.empty((), dtype=self.dtype).element_size()
-        logits = sum(buckets) * cfg.vocab_size * (4 + elem)
+        logits = (sum(buckets) + len(prompts)) * cfg.vocab_size * (4 + elem)
         widest = max(cfg.hidden_size, (cfg.q_dim + 2 * cfg.kv_dim) // self.tp,
                      2 * cfg.inter_size // self.tp)
-        B = max(buckets)
-        per_step = B * (8 * widest * elem + 2 * cfg.vocab_size * (4 + elem))
+        tokens = max(buckets + prompts)
+        per_step = (tokens * 8 * widest * elem
+                    + max(buckets) * 2 * cfg.vocab_size * (4 + elem))
         return logits + 2 * per_step + (32 << 20)
 
     @torch.inference_mode()
@@ -207,7 +224,8 @@ class ModelRunner:
         step = build_step_input(rows, bs)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
-        scratch = KVCache.from_config(self.cfg, n_blk, self.tp, self.device, self.dtype)
+        scratch = KVCache.from_config(self.cfg, n_blk, self.tp, self.device, self.dtype,
+                                      self.kv_scales)
         step = step.to(self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -225,7 +243,7 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, step: StepInput) -> torch.Tensor:
         """Forward one step; fp32 logits [len(step.sample_idx), vocab_size] (on the device).
-        Decode-only steps replay a CUDA graph when graphs are on."""
+        Decode-only and small one-row prompt steps replay a CUDA graph when graphs are on."""
         if self.graphs is not None:
             logits = self.graphs.run(step)
             if logits is not None:

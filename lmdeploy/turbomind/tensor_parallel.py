@@ -198,6 +198,8 @@ class TensorParallelRunner:
                 w.conn.send(msg)
             return self.runner.run(step)
         except Exception as e:  # noqa: BLE001 - the ranks may now be out of step: fatal
+            if self.failure is not None:  # the watchdog saw a rank go (and closed its socket)
+                raise self.failure from None
             dead = self._first_dead(wait_s=2.0)
             reason = dead.describe_exit() if dead is not None else f'rank 0 failed: {e}'
             raise self._fail(reason) from None
@@ -231,7 +233,10 @@ class TensorParallelRunner:
                     del pending[conn]
 
     def _first_dead(self, wait_s: float = 0.0) -> Optional[_Worker]:
-        ready = wait([w.conn for w in self.workers], timeout=wait_s)
+        try:
+            ready = wait([w.conn for w in self.workers], timeout=wait_s)
+        except (OSError, ValueError):  # a socket closed by the watchdog: its rank is gone
+            ready = [w.conn for w in self.workers if w.conn.closed]
         for w in self.workers:
             if w.conn in ready or w.proc.poll() is not None:
                 return w

@@ -43,6 +43,35 @@ def test_graphs_equal_eager_on_fixtures(workspace, variant):
         assert on.engine.runner.graphs.replays > 0
 
 
+@pytest.mark.parametrize('variant', ['gqa', 'internlm'])
+def test_prompt_graphs_equal_eager_with_and_without_a_cached_prefix(workspace, variant):
+    """One-row prompt steps (a first turn, then a second turn over the cached first) replay
+    the prompt graphs; greedy tokens equal the eager run's, also when a long prompt is
+    chunked and only its last chunk (which samples) fits a graph."""
+    from lmdeploy.turbomind import TurboMind
+    ws = workspace(variant)
+    kw = dict(device='cuda', dtype='fp32', block_size=16, max_batch_size=4,
+              max_prefill_tokens=96)
+    with TurboMind(ws, **kw) as on, TurboMind(ws, cuda_graph=False, **kw) as off:
+        assert on.engine.runner.graphs.prompt_buckets == [16, 32, 64]
+        for tm in (on, off):
+            tm.results = []
+            inst = tm.create_instance()
+            for sid, first in ((1, PROMPTS[0]), (2, PROMPTS[2] * 2)):  # 6 and 134 tokens
+                out = None
+                for out in inst.stream_infer(sid, first, request_output_len=8, top_k=1,
+                                             ignore_eos=True):
+                    pass
+                tm.results.append(out[0][0].tolist())
+                for out in inst.stream_infer(sid, [5, 6, 7, 8, 9] * 7, request_output_len=8,
+                                             top_k=1, ignore_eos=True, sequence_start=False,
+                                             step=len(first) + 8):
+                    pass
+                tm.results.append(out[0][0].tolist())
+        assert on.results == off.results
+        assert on.engine.runner.graphs.prompt_replays >= 4
+
+
 @pytest.fixture(scope='module')
 def tm7b():
     from lmdeploy.turbomind import TurboMind

@@ -73,6 +73,26 @@ _case('attn-decode-fp16', op='attn', D=32, hq=4, hkv=2, page=16, rows=[(20, 1), 
 _case('attn-mixed-fp16', op='attn', D=32, hq=4, hkv=2, page=4, rows=[(20, 1), (7, 12)],
       dtype='float16')
 
+# int8 KV (kv_quant.py): 'static' (per-head scale + zero-point) and 'online' (per-token scales)
+for quant in ('static', 'online'):
+    for dt in ('float32', 'float16', 'bfloat16'):
+        _case(f'store_kv-int8-{quant}-{dt}', op='store_kv', T=7, hkv=3, D=24, page=4, dtype=dt,
+              quant=quant)
+    _case(f'store_kv-int8-{quant}-strided-d128', op='store_kv', T=5, hkv=2, D=128, page=16,
+          dtype='float16', fused=True, quant=quant)
+    _case(f'attn-int8-{quant}-decode-split3', op='attn', D=32, hq=4, hkv=2, page=4,
+          rows=[(40, 1), (3, 1), (70, 1)], dtype='float32', num_splits=3, quant=quant)
+    _case(f'attn-int8-{quant}-mixed-g4', op='attn', D=16, hq=8, hkv=2, page=16,
+          rows=[(10, 1), (33, 1), (0, 7), (5, 6), (13, 20)], dtype='float32', quant=quant)
+    _case(f'attn-int8-{quant}-prefill-unaligned', op='attn', D=32, hq=4, hkv=4, page=16,
+          rows=[(19, 23), (3, 2)], dtype='float32', quant=quant,
+          prefill_cfg=dict(BLOCK_M=16, BLOCK_N=16))
+    _case(f'attn-int8-{quant}-decode-nodot', op='attn', D=32, hq=4, hkv=1, page=4,
+          rows=[(9, 1), (50, 1)], dtype='float32', num_splits=2, quant=quant,
+          decode_cfg=dict(use_dot=False, BLOCK_N=16))
+    _case(f'attn-int8-{quant}-mixed-fp16', op='attn', D=32, hq=4, hkv=2, page=4,
+          rows=[(20, 1), (45, 1), (7, 12)], dtype='float16', quant=quant)
+
 
 # ----------------------------------------------------------------------------- the checks
 def _rel_err(out, ref):
@@ -82,6 +102,16 @@ def _rel_err(out, ref):
 
 def _tol(dtype_name):
     return {'float32': 1e-5, 'float16': 2e-3, 'bfloat16': 1.5e-2}[dtype_name]
+
+
+def _int8_qparams(quant, hkv, nb, page, g):
+    """Random static (scale, zp) rows [4, hkv] or a zeroed online scale pool."""
+    import torch
+    if quant == 'static':
+        scale = 0.01 + 0.04 * torch.rand(2, hkv, generator=g)
+        zp = 0.2 * torch.randn(2, hkv, generator=g)
+        return torch.stack([scale[0], zp[0], scale[1], zp[1]])
+    return torch.zeros(2, nb, hkv, page)
 
 
 def run_case(name):
@@ -147,11 +177,21 @@ def run_case(name):
             k, v = rnd(T, hkv, D), rnd(T, hkv, D)
         slots = torch.randperm(nb * page, generator=g)[:T]
         slots[1] = -1
-        kc, vc = rnd(nb, page, hkv, D), rnd(nb, page, hkv, D)
+        quant = p.get('quant')
+        if quant:  # int8 caches; the integers (and online scales) must be identical
+            kc = torch.randint(-128, 128, (nb, page, hkv, D), generator=g, dtype=torch.int8)
+            vc = kc.flip(0)
+            qp = _int8_qparams(quant, hkv, nb, page, g)
+            qp2 = qp.clone()
+        else:
+            kc, vc = rnd(nb, page, hkv, D), rnd(nb, page, hkv, D)
+            qp = qp2 = None
         kc2, vc2 = kc.clone(), vc.clone()
-        K.store_kv_ref(k, v, kc, vc, slots)
-        K.store_kv_triton(k, v, kc2, vc2, slots)
+        K.store_kv_ref(k, v, kc, vc, slots, qp)
+        K.store_kv_triton(k, v, kc2, vc2, slots, qp2)
         ok = torch.equal(kc, kc2) and torch.equal(vc, vc2)
+        if quant:
+            ok = ok and torch.equal(qp, qp2) and int(kc.abs().max()) >= 100  # range is used
         err = 0.0 if ok else 1.0
     elif op == 'attn':
         D, hq, hkv, page = p['D'], p['hq'], p['hkv'], p['page']
@@ -167,17 +207,24 @@ def run_case(name):
         T = step.num_tokens
         q = rnd(T, hq, D)
         kc, vc = rnd(nb, page, hkv, D), rnd(nb, page, hkv, D)
+        qp = None
+        if p.get('quant'):  # int8 caches quantised from the random K/V by the reference
+            qp = _int8_qparams(p['quant'], hkv, nb, page, g)
+            kf, vf = kc.view(-1, hkv, D) * 2 + 0.3, vc.view(-1, hkv, D)
+            kc = torch.empty(kc.shape, dtype=torch.int8)
+            vc = torch.empty(vc.shape, dtype=torch.int8)
+            K.store_kv_ref(kf, vf, kc, vc, torch.arange(nb * page), qp)
         scale = D ** -0.5
         args = (q, kc, vc, step.block_table, step.cu_seqlens, step.kv_lens, scale,
                 step.max_q_len, step.max_kv_len)
-        ro = K.paged_attention_ref(*args)
-        o = K.paged_attention_triton(*args, num_splits=p.get('num_splits'),
+        ro = K.paged_attention_ref(*args, qp)
+        o = K.paged_attention_triton(*args, qp, num_splits=p.get('num_splits'),
                                    decode_cfg=p.get('decode_cfg'),
                                    prefill_cfg=p.get('prefill_cfg'))
         err = _rel_err(o, ro)
         ok = bool(torch.isfinite(o).all())
         # same result without the hints (the kernels derive bounds from shapes)
-        o2 = K.paged_attention_triton(*args[:7], num_splits=p.get('num_splits'),
+        o2 = K.paged_attention_triton(*args[:7], kv_qparams=qp, num_splits=p.get('num_splits'),
                                     decode_cfg=p.get('decode_cfg'),
                                     prefill_cfg=p.get('prefill_cfg'))
         err = max(err, _rel_err(o2, ro))

@@ -7,14 +7,15 @@ Each op file defines ``<op>_ref``, a torch reference that runs anywhere, and may
 
     rms_norm(x, weight, eps, residual=None) -> out | (out, new_residual)
     rotary_embedding(q, k, positions, rotary_dim, theta) -> (q, k)
-    store_kv(k, v, k_cache, v_cache, slot_mapping) -> None
+    store_kv(k, v, k_cache, v_cache, slot_mapping, kv_qparams=None) -> None
     paged_attention(q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, scale,
-                    max_q_len=0, max_kv_len=0) -> out
+                    max_q_len=0, max_kv_len=0, kv_qparams=None) -> out
     silu_and_mul(x) -> out
 
 Choice: the Triton version on CUDA when it exists and triton imports; the reference otherwise.
 ``LMDEPLOY_KERNELS=reference`` (or ``select(device, impl='reference')``) forces the references,
 e.g. to check a Triton kernel against its reference inside the full model.
+kv_qparams: int8 KV cache parameters (None for a float cache), see kv_quant.py.
 """
 import importlib
 import os

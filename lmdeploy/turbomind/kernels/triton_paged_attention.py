@@ -21,10 +21,17 @@ Two kernels, picked on the host without a device sync:
   runs unmasked over the part of the prefix every token of the tile sees, then masked
   (causal + length) over the rest.
 
-KV tiles are loaded by `_load_kv` alone: the one place to add int8 KV dequantisation
-(per-head scales) later. Softmax statistics and accumulators are fp32 (exp2 with the scale
-folded in); the probabilities are cast to the KV dtype for the P @ V product, as
-flash-attention does.
+KV tiles are loaded by `_load_kv` alone, which converts them to the compute dtype (int8
+exactly). Softmax statistics and accumulators are fp32 (exp2 with the scale folded in); the
+probabilities are cast to the compute dtype for the P @ V product, as flash-attention does.
+
+int8 KV (``kv_qparams``, kv_quant.py; QUANT 1 static, 2 online): the scales are applied outside
+the tensor-core products rather than to every loaded element, which is the same arithmetic:
+* static per-head (scale s, zero-point z): K's s is folded into the softmax scale and K's z
+  dropped (it adds ``z * sum(q)`` to every score of a query, which softmax ignores); for V,
+  ``P @ (v s + z) = s (P @ v) + z sum(P)``, applied to the accumulator once at the end
+  (`_finish_acc`), before the split-K partials are stored, so the combine pass is unchanged;
+* online per-token scales: K's multiply the score columns (after Q K^T), V's the V tile's rows.
 """
 from typing import Optional
 
@@ -32,13 +39,61 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_quant import ONLINE, STATIC, qparams_mode
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv(ptrs, mask):
-    """Load one K or V tile; returns the cache's dtype (int8 dequant goes here)."""
-    return tl.load(ptrs, mask=mask, other=0.0)
+def _load_kv(ptrs, mask, DT: tl.constexpr):
+    """Load one K or V tile in the compute dtype DT (a no-op cast for float caches; int8
+    values convert exactly, the scales are applied by the callers, see the module doc)."""
+    return tl.load(ptrs, mask=mask, other=0.0).to(DT)
+
+
+@triton.jit
+def _token_scales(QP, kvh, blk, offs_n, mask_n, stride_qpb, stride_qph, PAGE: tl.constexpr):
+    """Online int8: the scale of each position of the tile, KV head kvh: [BLOCK_N] fp32
+    (a block's scales are [heads, block_size]: contiguous for a tile within one block)."""
+    return tl.load(QP + blk * stride_qpb + kvh * stride_qph + offs_n % PAGE, mask=mask_n,
+                   other=0.0)
+
+
+@triton.jit
+def _softmax_scale(qk_scale, QP, kvh, QUANT: tl.constexpr):
+    if QUANT == 1:  # static int8: K's per-head scale folded in
+        qk_scale = qk_scale * tl.load(QP + kvh)
+    return qk_scale
+
+
+@triton.jit
+def _scale_scores(s, qk, QP, kvh, blk, offs_n, mask_n, stride_qpb, stride_qph,
+                  PAGE: tl.constexpr, QUANT: tl.constexpr):
+    if QUANT == 2:
+        s = s * _token_scales(QP, kvh, blk, offs_n, mask_n, stride_qpb, stride_qph, PAGE)[None, :]
+    return s * qk
+
+
+@triton.jit
+def _scale_v(v, QP, kvh, blk, offs_n, mask_n, stride_qpkv, stride_qpb, stride_qph,
+             PAGE: tl.constexpr, QUANT: tl.constexpr):
+    """Online int8: the V tile times its per-token scales, in fp32 then v's dtype (scaling
+    the probabilities instead would push small ones into fp16's subnormals)."""
+    if QUANT == 2:
+        vs = _token_scales(QP + stride_qpkv, kvh, blk, offs_n, mask_n, stride_qpb, stride_qph,
+                           PAGE)
+        v = (v.to(tl.float32) * vs[:, None]).to(v.dtype)
+    return v
+
+
+@triton.jit
+def _finish_acc(acc, l_i, QP, kvh, stride_qpkv, QUANT: tl.constexpr):
+    """Static int8: acc = P @ q_v becomes P @ (q_v * s + z) = s * acc + z * sum(P)."""
+    if QUANT == 1:
+        v_s = tl.load(QP + 2 * stride_qpkv + kvh)
+        v_z = tl.load(QP + 3 * stride_qpkv + kvh)
+        acc = acc * v_s + v_z * l_i[:, None]
+    return acc
 
 
 @triton.jit
@@ -53,10 +108,11 @@ def _block_ids(BT_row, offs_n, mask_n, n0, PAGE: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, qk_scale, partition,
+def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                   stride_vh, stride_bt, stride_ot, stride_oh,
-                   NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                   stride_vh, stride_bt, stride_ot, stride_oh, stride_qpkv, stride_qpb,
+                   stride_qph, QUANT: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   GROUP: tl.constexpr, G_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                    MIXED: tl.constexpr):
@@ -86,6 +142,7 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, qk_scale, partition,
     BT_row = BT + b.to(tl.int64) * stride_bt
     K_h = K + kvh * stride_kh
     V_h = V + kvh * stride_vh
+    qk = _softmax_scale(qk_scale, QP, kvh, QUANT)
     m_i = tl.full([G_PAD], float('-inf'), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, BLOCK_D], tl.float32)
@@ -95,23 +152,30 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, qk_scale, partition,
         blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
         off = (offs_n % PAGE)[:, None]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask)
-        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask)
+        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask,
+                     Q.dtype.element_ty)
+        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask,
+                     Q.dtype.element_ty)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
         else:
             s = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
-        s = tl.where(mask_n[None, :], s * qk_scale, float('-inf'))
+        s = _scale_scores(s, qk, QP, kvh, blk, offs_n, mask_n, stride_qpb, stride_qph, PAGE,
+                          QUANT)
+        s = tl.where(mask_n[None, :], s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _scale_v(v, QP, kvh, blk, offs_n, mask_n, stride_qpkv, stride_qpb, stride_qph, PAGE,
+                     QUANT)
         if USE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         else:
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
+    acc = _finish_acc(acc, l_i, QP, kvh, stride_qpkv, QUANT)
 
     if NUM_SPLITS == 1:
         out = acc / l_i[:, None]
@@ -158,10 +222,11 @@ def _combine_kernel(TmpO, TmpML, CU, KVL, O, partition, stride_ot, stride_oh,
 
 
 @triton.jit
-def _prefill_kernel(Q, K, V, BT, CU, KVL, O, qk_scale, num_rows,
+def _prefill_kernel(Q, K, V, BT, CU, KVL, O, QP, qk_scale, num_rows,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                    stride_vh, stride_bt, stride_ot, stride_oh,
-                    GROUP: tl.constexpr, G_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+                    stride_vh, stride_bt, stride_ot, stride_oh, stride_qpkv, stride_qpb,
+                    stride_qph, QUANT: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
+                    BLOCK_Q: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                     PAGE: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_DECODE: tl.constexpr):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
@@ -203,6 +268,7 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, qk_scale, num_rows,
     BT_row = BT + b.to(tl.int64) * stride_bt
     K_h = K + kvh * stride_kh
     V_h = V + kvh * stride_vh
+    qk = _softmax_scale(qk_scale, QP, kvh, QUANT)
     m_i = tl.full([BLOCK_M], float('-inf'), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -217,14 +283,17 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, qk_scale, num_rows,
         blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
         off = (offs_n % PAGE)[:, None]
         k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :],
-                     mask_d[None, :])
+                     mask_d[None, :], Q.dtype.element_ty)
         v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :],
-                     mask_d[None, :])
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale
+                     mask_d[None, :], Q.dtype.element_ty)
+        s = _scale_scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC), qk, QP,
+                          kvh, blk, offs_n, mask_n, stride_qpb, stride_qph, PAGE, QUANT)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _scale_v(v, QP, kvh, blk, offs_n, mask_n, stride_qpkv, stride_qpb, stride_qph, PAGE,
+                     QUANT)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
     for n0 in range(full_end, hi_kv, BLOCK_N):
@@ -233,9 +302,12 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, qk_scale, num_rows,
         blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
         off = (offs_n % PAGE)[:, None]
         kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask)
-        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC) * qk_scale
+        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask,
+                     Q.dtype.element_ty)
+        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask,
+                     Q.dtype.element_ty)
+        s = _scale_scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC), qk, QP,
+                          kvh, blk, offs_n, mask_n, stride_qpb, stride_qph, PAGE, QUANT)
         causal = (offs_n[None, :] <= ctx[:, None]) & mask_n[None, :]
         s = tl.where(causal, s, float('-inf'))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -243,8 +315,11 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, qk_scale, num_rows,
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = _scale_v(v, QP, kvh, blk, offs_n, mask_n, stride_qpkv, stride_qpb, stride_qph, PAGE,
+                     QUANT)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
+    acc = _finish_acc(acc, l_i, QP, kvh, stride_qpkv, QUANT)
 
     l_i = tl.where(mask_m, l_i, 1.0)
     out = acc / l_i[:, None]
@@ -272,6 +347,10 @@ def _next_pow2(n: int) -> int:
 DECODE_CFG = dict(BLOCK_N=64, num_warps=4, num_stages=3, min_partition=256, waves=4,
                   use_dot=True)
 PREFILL_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+# Overrides of DECODE_CFG for int8 caches. An int8 tile is half the bytes of an fp16 one, so a
+# deeper pipeline (2 tiles in flight instead of 1) keeps as many bytes in flight: static scales
+# 882 -> 843 us at B64 ctx4096 MHA on the H100 (benchmark/NOTES.md); online not swept.
+INT8_DECODE_CFG = {STATIC: dict(num_stages=5), ONLINE: dict()}
 
 
 def decode_splits(batch: int, hkv: int, max_kv: int, device, cfg=None):
@@ -294,7 +373,8 @@ def _dot_prec(dtype):
 def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, cu_seqlens: torch.Tensor,
                            kv_lens: torch.Tensor, scale: float, max_q_len: int = 0,
-                           max_kv_len: int = 0, *, num_splits: Optional[int] = None,
+                           max_kv_len: int = 0, kv_qparams: Optional[torch.Tensor] = None, *,
+                           num_splits: Optional[int] = None,
                            decode_cfg=None, prefill_cfg=None) -> torch.Tensor:
     """Same contract as `paged_attention_ref`. Keyword-only extras are for tests/benchmarks:
     num_splits forces the decode split count; *_cfg override the tunables."""
@@ -314,13 +394,23 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     common_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0),
                       v_cache.stride(1), v_cache.stride(2), block_table.stride(0),
                       out.stride(0), out.stride(1))
+    mode = qparams_mode(kv_qparams)
+    quant = {None: 0, STATIC: 1, ONLINE: 2}[mode]
+    if mode is None:
+        qp, qp_strides = k_cache, (0, 0, 0)
+    else:
+        assert k_cache.dtype == torch.int8 and v_cache.dtype == torch.int8
+        assert kv_qparams.dtype == torch.float32 and kv_qparams.is_contiguous()
+        qp = kv_qparams
+        qp_strides = (qp.stride(0), 0, 0) if mode == STATIC else qp.stride()[:3]
+    common_strides += qp_strides
 
     # Rows with q_len 1 go to the decode kernel. T == B means every row is one (q_len >= 1);
     # otherwise (mixed or prefill-only) both kernels run: the decode kernel's programs of
     # rows with q_len != 1 and the prefill kernel's programs of rows with q_len == 1 return
     # at once, so decode rows keep split-K without the host knowing which rows they are.
     mixed = T != B
-    cfg = dict(DECODE_CFG, **(decode_cfg or {}))
+    cfg = dict(DECODE_CFG, **INT8_DECODE_CFG.get(mode, {}), **(decode_cfg or {}))
     block_n = cfg['BLOCK_N']
     if num_splits is None:
         splits, partition = decode_splits(B, hkv, max_kv, q.device, cfg)
@@ -336,8 +426,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         tmp_o = tmp_ml = out
     _decode_kernel[(B, hkv, splits)](
-        q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, out, tmp_o, tmp_ml, qk_scale,
-        partition, q.stride(0), q.stride(1), *common_strides,
+        q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, out, tmp_o, tmp_ml, qp, qk_scale,
+        partition, q.stride(0), q.stride(1), *common_strides, QUANT=quant,
         NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE=page, USE_DOT=use_dot, DOT_PREC=prec, MIXED=mixed,
         num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
@@ -356,8 +446,8 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_q = triton.cdiv(16, g_pad)
     grid = (T // block_q + B, hkv)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, out, qk_scale, B,
-        q.stride(0), q.stride(1), *common_strides,
+        q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, out, qp, qk_scale, B,
+        q.stride(0), q.stride(1), *common_strides, QUANT=quant,
         GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=cfg['BLOCK_N'], PAGE=page, DOT_PREC=prec, SKIP_DECODE=True,
         num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
