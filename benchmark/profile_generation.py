@@ -18,8 +18,10 @@ prompt ids are random too: speed does not depend on them). I = 0 means one token
 
 ``--compare hf`` (dummy shapes): transformers' LlamaForCausalLM on the SAME weights (views of
 the engine's tensors) in the same process, fp16, `generate` greedy with min_new_tokens =
-max_new_tokens (ignore-eos), at batch 1 for each B1 prompt length with ``--hf_output_seqlen``
-new tokens; the engine's tok/s for that same shape is measured beside it and the ratio printed.
+max_new_tokens (ignore-eos), at batch 1 for each bs1 row's prompt length with ``--hf_output_seqlen``
+new tokens, and at batch 64 for the B2 rows at concurrency 64 whose prompts fit HF_MAX_TOKENS
+(transformers' cache is not paged); the engine's tok/s for that same shape is measured beside
+it and the ratio printed.
 ``--trace``: a bs1 decode step's CUDA-graph replay time and a torch-profiler kernel table of
 the same step run eagerly (where the time goes).
 
@@ -64,6 +66,7 @@ def _progress(total: int, desc: str):
 
 MAX_BATCH = 0  # a row's concurrency 'max': as many sessions of the row as the KV pool holds
 MAX_BATCH_LIMIT = 128  # max_batch_size for 'max' rows when --max_batch_size is not given
+HF_MAX_TOKENS = 64 * 2048  # --compare hf: batch x (prompt + new tokens) transformers runs at most
 
 
 def max_concurrency(tm, i: int, o: int) -> int:
@@ -174,17 +177,19 @@ def profile_row(tm, c: int, i: int, o: int, rounds: int, warmup: bool, seed: int
     return row
 
 
-def compare_hf(tm, i: int, o: int, seed: int, engine_rounds: int = 1) -> dict:
-    """transformers on the same weights at bs1: (i -> o) greedy, ignore-eos; ratio vs ours."""
+def compare_hf(tm, c: int, i: int, o: int, seed: int, engine_rounds: int = 1) -> dict:
+    """transformers on the same weights at batch c (c prompts of i tokens, no padding needed):
+    (i -> o) greedy, ignore-eos; ratio of output tok/s vs ours on the same prompts."""
     from lmdeploy.turbomind.dummy import hf_model
     runner = tm.engine.runner
     model = hf_model(tm.config, runner.weights)
     model.generation_config.eos_token_id = None
     cfg = tm.config
-    prompt = make_prompts(1, i, cfg.vocab_size, cfg.start_id, seed + 7)[0]
-    ours = [run_round(tm, [prompt], o) for _ in range(max(1, engine_rounds))]
+    prompts = make_prompts(c, i, cfg.vocab_size, cfg.start_id, seed + 7)
+    prompt = prompts[0]
+    ours = [run_round(tm, prompts, o) for _ in range(max(1, engine_rounds))]
     ours_tok_s = float(np.median([r['out_tok_s'] for r in ours]))
-    ids = torch.tensor([prompt], device=runner.device)
+    ids = torch.tensor(prompts, device=runner.device)
     sync = torch.cuda.synchronize if runner.device.type == 'cuda' else (lambda: None)
     with torch.inference_mode():
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False)  # warm-up
@@ -194,7 +199,7 @@ def compare_hf(tm, i: int, o: int, seed: int, engine_rounds: int = 1) -> dict:
         sync()
         t1 = time.perf_counter()
     hf_tokens = out[0, len(prompt):].tolist()
-    hf_tok_s = len(hf_tokens) / (t1 - t0)
+    hf_tok_s = c * len(hf_tokens) / (t1 - t0)
     # our tokens for the same prompt (greedy) to report agreement
     inst = tm.create_instance()
     got = None
@@ -205,7 +210,7 @@ def compare_hf(tm, i: int, o: int, seed: int, engine_rounds: int = 1) -> dict:
     prefix = next((k for k, (a, b) in enumerate(zip(ours_tokens, hf_tokens)) if a != b),
                   min(len(ours_tokens), len(hf_tokens)))
     del model
-    return dict(input_seqlen=i, output_seqlen=o, hf_out_tok_s=hf_tok_s,
+    return dict(concurrency=c, input_seqlen=i, output_seqlen=o, hf_out_tok_s=hf_tok_s,
                 ours_out_tok_s=ours_tok_s, ratio=ours_tok_s / hf_tok_s,
                 greedy_common_prefix=prefix)
 
@@ -279,7 +284,7 @@ def print_table(rows, compares):
               f"{r['tok_ms_p50']:.3f} | {r['tok_ms_p99']:.3f} | {r['out_tok_s']:.1f} | "
               f"{r.get('gpu_mem_used_gib', float('nan')):.1f} |")
     for c in compares:
-        print(f"vs transformers (bs1, {c['input_seqlen']}->{c['output_seqlen']}): ours "
+        print(f"vs transformers (bs{c['concurrency']}, {c['input_seqlen']}->{c['output_seqlen']}): ours "
               f"{c['ours_out_tok_s']:.1f} tok/s, hf {c['hf_out_tok_s']:.1f} tok/s, ratio "
               f"{c['ratio']:.1f}x, greedy common prefix {c['greedy_common_prefix']}")
 
@@ -366,10 +371,11 @@ def main(argv=None):
         if args.compare == 'hf':
             if not args.dummy:
                 raise SystemExit('--compare hf needs --dummy (the weights must be in memory)')
-            pairs = sorted({(i, min(o, args.hf_output_seqlen)) for c, i, o in rows if c == 1})
-            for i, o in pairs or [(1, args.hf_output_seqlen)]:
+            shapes = sorted({(c, i, min(o, args.hf_output_seqlen)) for c, i, o in rows
+                             if c in (1, 64) and c * (i + o) <= HF_MAX_TOKENS})
+            for c, i, o in shapes or [(1, 1, args.hf_output_seqlen)]:
                 try:
-                    results['compare'].append(compare_hf(tm, i, o, args.seed))
+                    results['compare'].append(compare_hf(tm, c, i, o, args.seed))
                 except Exception as e:  # noqa: BLE001 - the table still prints
                     print(f'compare hf failed: {e!r}')
         if args.trace and runner.device.type == 'cuda':
