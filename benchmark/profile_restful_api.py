@@ -1,7 +1,7 @@
 """Online serving benchmark over HTTP (BENCHMARKS.md B4): Poisson arrivals against any
 OpenAI-compatible server; TTFT, TPOT, ITL and end-to-end latency p50/p99, and req/s.
 
-    python -m lmdeploy.serve.openai.api_server ./workspace &           # or any OpenAI server
+    python -m lmdeploy.serve.openai.api_server ./workspace &   # or --dummy llama2-7b, or any server
     python benchmark/profile_restful_api.py synthetic --base_url http://127.0.0.1:23333 \\
         --request_rate 4 8 16 --num_prompts 3000 --tokenizer ./workspace [--out b4.json]
     python benchmark/profile_restful_api.py ShareGPT_V3_unfiltered_cleaned_split.json \\

@@ -13,10 +13,17 @@ then `--num_prompts` drawn, seeded here (v0.0.2 did not seed).
 
 `--concurrency` threads, each with its own instance and session id, pull requests from a shared
 queue; every request runs `stream_infer(..., request_output_len=<completion length>,
-temperature=1.0, top_p=1.0, top_k=40, ignore_eos=True, stream_output=True)` with a seed per
-request, so a run is reproducible. Printed (and written with --out): v0.0.2's four throughput
-lines (req/s, req/min, prompt+completion tok/s, output tok/s) and TTFT, per-token latency
-(inter-token gaps) and end-to-end latency, p50/p99.
+temperature=1.0, top_p=1.0, top_k=40, ignore_eos=True)` with a seed per request, so a run is
+reproducible. Printed (and written with --out): v0.0.2's four throughput lines (req/s, req/min,
+prompt+completion tok/s, output tok/s) and TTFT, per-token latency (inter-token gaps) and
+end-to-end latency, p50/p99.
+
+Like v0.0.2, a client waits for the whole reply (one wake-up per request); token times come
+from the engine, which stamps the moment each step hands its tokens over (`StreamOutput.stamps`).
+`--stream_output` makes every client thread wake up per step instead and time the tokens
+itself (hundreds of Python threads waking every step: that costs the engine time too).
+`--engine_timing` prints the engine loop's host time per step by phase (`step_timer.py`),
+split into decode-only steps (CUDA graphs) and mixed ones (prefill chunks too).
 """
 from __future__ import annotations
 
@@ -90,7 +97,10 @@ def load_requests(args, tokenizer, vocab_size: int, session_len: int) -> List[Pa
     return sample_sharegpt(args.dataset, tokenizer, args.num_prompts, args.seed, max_seq_len)
 
 
-def run(tm, requests: List[Pair], concurrency: int, seed: int, progress: bool = True):
+def run(tm, requests: List[Pair], concurrency: int, seed: int, progress: bool = True,
+        stream_output: bool = False, time_limit: float = 0.0):
+    """Returns (results of the requests that ran, in order, elapsed, errors). With
+    `time_limit` > 0 no request starts after that many seconds (the ones running finish)."""
     q: queue.Queue = queue.Queue()
     for i, r in enumerate(requests):
         q.put((i, r))
@@ -108,21 +118,27 @@ def run(tm, requests: List[Pair], concurrency: int, seed: int, progress: bool = 
     def worker(tid: int):
         instance = tm.create_instance()
         while True:
+            if time_limit and time.perf_counter() - start > time_limit:
+                return
             try:
                 i, (ids, n_out) = q.get_nowait()
             except queue.Empty:
                 return
             t0 = time.perf_counter()
-            stamps, seen = [], 0
+            stamps, seen = [], 0  # (time, new tokens) per arrival
             try:
                 for outputs in instance.stream_infer(
                         tid + 1, ids, request_output_len=n_out, sequence_start=True,
                         sequence_end=True, temperature=1.0, top_p=1.0, top_k=40,
-                        ignore_eos=True, random_seed=seed + i, stream_output=True):
+                        ignore_eos=True, random_seed=seed + i, stream_output=stream_output):
                     n = outputs[0][1]
-                    if n > seen:
+                    if stream_output and n > seen:
                         stamps.append((time.perf_counter(), n - seen))
                         seen = n
+                    elif outputs[0].finish_reason:  # the engine's stamps: (time, tokens so far)
+                        for t, total in outputs[0].stamps:
+                            stamps.append((t, total - seen))
+                            seen = total
             except Exception as e:  # noqa: BLE001
                 with lock:
                     errors.append(f'request {i}: {type(e).__name__}: {e}')
@@ -133,7 +149,7 @@ def run(tm, requests: List[Pair], concurrency: int, seed: int, progress: bool = 
 
     threads = [threading.Thread(target=worker, args=(t,), daemon=True)
                for t in range(concurrency)]
-    start = time.perf_counter()
+    start = time.perf_counter()  # read by the workers
     for t in threads:
         t.start()
     for t in threads:
@@ -141,7 +157,7 @@ def run(tm, requests: List[Pair], concurrency: int, seed: int, progress: bool = 
     elapsed = time.perf_counter() - start
     if bar is not None:
         bar.close()
-    return results, elapsed, errors
+    return [r for r in results if r is not None], elapsed, errors
 
 
 def summarize(results, elapsed):
@@ -180,6 +196,9 @@ def print_table(s, args, device):
     print(f'\nconcurrency: {args.concurrency}, prompts: {s["requests"]}, dataset: {args.dataset}, '
           f'mean in/out: {s["mean_prompt_len"]:.0f}/{s["mean_output_len"]:.0f}, '
           f'quant_policy: {args.quant_policy}, device: {device}')
+    if s['requests'] < args.num_prompts:
+        print(f'time limit {args.time_limit:g}s: {s["requests"]} of {args.num_prompts} '
+              'requests ran')
     print(f'elapsed_time: {s["elapsed_s"]:.2f}s')
     print(f'Throughput requests: {s["throughput_req_s"]:.3f} req/s')
     print(f'Throughput requests: {s["throughput_req_min"]:.2f} req/min')
@@ -193,6 +212,17 @@ def print_table(s, args, device):
     print(f'|{"-" * 30}|{"-" * 12}|{"-" * 12}|')
     for name, p50, p99 in rows:
         print(f'| {name:<28} | {p50:>10.2f} | {p99:>10.2f} |')
+
+
+def print_timing(r: dict):
+    print(f'\nengine loop, host time per step ({r["steps"]} steps, '
+          f'{r["rows_per_step"]:.0f} rows per step): {r["step_us"] / 1000:.2f} ms wall, '
+          f'{r["cpu_us"] / 1000:.2f} ms CPU of the engine thread')
+    print(f'  decode-only steps: {r["decode_steps"]}, {r["decode_step_us"] / 1000:.2f} ms each; '
+          f'mixed steps: {r["mixed_steps"]}, {r["mixed_step_us"] / 1000:.2f} ms each')
+    phases = [k[:-3] for k in r if k.endswith('_us') and k not in (
+        'step_us', 'cpu_us', 'decode_step_us', 'mixed_step_us')]
+    print('  ' + ', '.join(f'{p} {r[p + "_us"] / 1000:.2f}' for p in phases) + ' (ms)')
 
 
 def parse_args(argv=None):
@@ -214,6 +244,16 @@ def parse_args(argv=None):
     p.add_argument('--max_batch_size', type=int, default=None, help='engine override')
     p.add_argument('--cache_max_entry_count', type=float, default=None, help='engine override')
     p.add_argument('--session_len', type=int, default=None, help='engine override')
+    p.add_argument('--stream_output', action='store_true',
+                   help='every client thread streams (wakes per engine step) and times the '
+                        'tokens itself; default: one wake-up per request as in v0.0.2, token '
+                        'times stamped by the engine')
+    p.add_argument('--engine_timing', action='store_true',
+                   help="print the engine loop's host time per step by phase (decode-only vs "
+                        'mixed steps)')
+    p.add_argument('--time_limit', type=float, default=0.0, metavar='S',
+                   help='start no request after S seconds (0: no limit); the ones running '
+                        'finish and the report counts only what ran')
     p.add_argument('--warmup', type=int, default=0,
                    help='requests run (and discarded) before the measured run')
     p.add_argument('--no_progress', action='store_true', help='no progress bar')
@@ -225,6 +265,8 @@ def parse_args(argv=None):
         p.error('--dummy has no tokenizer: use the synthetic dataset')
     if args.concurrency < 1 or args.num_prompts < 1:
         p.error('--concurrency and --num_prompts must be >= 1')
+    if args.time_limit < 0:
+        p.error('--time_limit must be >= 0')
     return args
 
 
@@ -243,11 +285,22 @@ def main(argv=None):
         if args.warmup:
             run(tm, requests[:args.warmup], min(args.concurrency, args.warmup), args.seed,
                 progress=False)
+        timer = None
+        if args.engine_timing:
+            from lmdeploy.turbomind.step_timer import StepTimer
+            tm.engine.timer = timer = StepTimer()
         results, elapsed, errors = run(tm, requests, args.concurrency, args.seed,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress,
+                                       stream_output=args.stream_output,
+                                       time_limit=args.time_limit)
         summary = summarize(results, elapsed)
+        if timer is not None:
+            summary['engine_timing'] = tm.engine.call(timer.report)
+            tm.engine.timer = None
         device = f'{tm.config.device} ({tm.config.dtype})'
         print_table(summary, args, device)
+        if timer is not None:
+            print_timing(summary['engine_timing'])
         if errors:
             print(f'\n{len(errors)} requests failed, first: {errors[0]}', file=sys.stderr)
         if args.out:

@@ -7,6 +7,15 @@
 Callers on any thread reach the loop only through `submit` and `call` (both queue a command
 the loop runs between steps) and through the `Request` objects they hand in, which the loop
 fills and signals. The scheduler, the runner and the request table belong to the loop thread.
+
+Host work per step is kept flat in the batch size: sampling parameters live in per-slot arrays
+(`SamplingSlots`), event arrays cross to Python once per step, and the waiting callers are woken
+once per `cond` per step. Those wake-ups are deferred until the next step's forward and sampling
+are launched: the callers (often hundreds of threads) then run while the device works and the
+loop waits for the sampled tokens with the GIL released, instead of fighting the loop for the
+GIL while it launches kernels. A request's state (tokens, finished, reason) is always updated at
+once; only the notification moves, by the next step's launch time, and it is never held while
+the loop is idle.
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -27,7 +37,9 @@ from . import _turbomind as _tm
 from .errors import EngineError, EngineFailure, InvalidRequest, error_for
 from .model_runner import ModelRunner
 from .sampling import RequestRng, Sampler, SamplingParams
+from .sampling_slots import SamplingSlots
 from .step_input import StepInput
+from .step_timer import StepTimer
 
 logger = logging.getLogger('lmdeploy.turbomind')
 
@@ -50,12 +62,18 @@ class Request:
     """One request's state, written by the engine thread and read by its caller.
 
     The caller waits on `cond` (shared by the requests of one call) until `version` moves.
+    The engine only calls ``with cond: cond.notify_all()``, once per step per `cond`, so any
+    object with that shape can stand in for a `threading.Condition` (an asyncio bridge, say).
+    `stamps` gets ``(time.perf_counter(), len(output_ids))`` each time tokens are handed over:
+    when each token became available to the caller, without the caller having to wake for it.
+    With `stream` False the caller is only woken when the request finishes.
     """
     session_id: int
     params: SamplingParams
     cond: threading.Condition
     random_seed: Optional[int] = None
     want_logits: bool = False
+    stream: bool = True
     handle: int = 0
     output_ids: List[int] = field(default_factory=list)
     logits: List[torch.Tensor] = field(default_factory=list)
@@ -63,14 +81,44 @@ class Request:
     reason: str = ''
     error: Optional[Exception] = None
     version: int = 0
+    stamps: List[tuple] = field(default_factory=list)
     # engine-thread only
     rng: Optional[RequestRng] = None
-    seen: Optional[List[int]] = None  # whole token history, kept only for repetition penalty
+    slot: int = -1  # row of the engine's SamplingSlots while it samples
 
     def publish(self):
         with self.cond:
             self.version += 1
             self.cond.notify_all()
+
+
+class Wakeup:
+    """The cheapest `cond` for one waiting thread: a lock used as an auto-reset event.
+
+    The engine's ``with cond: cond.notify_all()`` releases it; `wait()` blocks (in C, GIL
+    released) until then and re-arms it. Notifications made while nobody waits are kept (one),
+    so a state change is never missed: wake, read the requests, wait again.
+    """
+    __slots__ = ('_lock',)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def notify_all(self):
+        try:
+            self._lock.release()
+        except RuntimeError:  # already released: a notification is pending
+            pass
+
+    def wait(self, timeout: float = -1) -> bool:
+        return self._lock.acquire(timeout=timeout)
 
 
 class Engine:
@@ -85,11 +133,14 @@ class Engine:
             session_len=cfg.session_len, vocab_size=cfg.vocab_size, start_id=cfg.start_id,
             end_id=cfg.end_id, chunked_prefill=cfg.chunked_prefill)
         self.sampler = Sampler()
+        self.slots = SamplingSlots(cfg.max_batch_size)
+        self._wakes: Dict[int, threading.Condition] = {}  # deferred notifications, by id(cond)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: Dict[int, Request] = {}  # handle -> request in the scheduler
         self._session_rng: Dict[int, tuple] = {}  # session_id -> saved RequestRng state
         self._private_ids = itertools.count(PRIVATE_SESSION_BASE)
         self._dead: Optional[Exception] = None
+        self.timer: Optional[StepTimer] = None  # set one to time the steps' phases
         self._post_lock = threading.Lock()  # _post vs the loop's shutdown: nothing is lost
         self._thread = threading.Thread(target=self._loop, name='turbomind-engine', daemon=True)
         self._thread.start()
@@ -140,6 +191,11 @@ class Engine:
         except EngineError:  # already stopped
             pass
 
+    def cancel_nowait(self, session_id: int) -> None:
+        """Queue a cancel of the session's running request and return at once (an event loop
+        cannot wait for a step); a request that is not running any more is left alone."""
+        self._post(lambda: self.scheduler.cancel(session_id, False))
+
     def private_session_id(self) -> int:
         return next(self._private_ids)
 
@@ -163,6 +219,7 @@ class Engine:
         try:
             while self._drain(block=self._idle()):
                 self._step()
+            self._wake_callers()
             dead = EngineError('the engine was closed')
         except EngineFailure as e:
             logger.error('%s', e)
@@ -192,7 +249,10 @@ class Engine:
         self._requests.clear()
 
     def _idle(self) -> bool:
-        return not (self.scheduler.num_running() or self.scheduler.num_waiting())
+        if self.scheduler.num_running() or self.scheduler.num_waiting():
+            return False
+        self._wake_callers()  # nothing will run: deliver before blocking
+        return True
 
     def _drain(self, block: bool) -> bool:
         """Run queued commands (waiting for one when idle); False once close() was called."""
@@ -236,11 +296,16 @@ class Engine:
 
     def _step(self):
         scheduler = self.scheduler
+        timer = self.timer
+        if timer:
+            timer.begin()
         plan = scheduler.schedule()
+        if timer:
+            timer.lap('schedule')
         tokens = _NO_TOKENS
         if plan.num_tokens:
             try:
-                tokens = self._run(plan)
+                tokens = self._run(plan, timer)
             except EngineFailure:  # the data plane cannot go on: the loop stops
                 raise
             except Exception as e:  # noqa: BLE001 - the step fails, its requests fail, we go on
@@ -248,12 +313,19 @@ class Engine:
                 scheduler.discard_plan()
                 self._fail_rows(plan, e)
                 tokens = _NO_TOKENS
+        else:
+            self._wake_callers()  # no device work to overlap with
         events = scheduler.update(tokens)
         for warning in scheduler.take_warnings():
             logger.warning(warning)
+        if timer:
+            timer.lap('update')
         self._dispatch(events)
+        if timer:
+            timer.lap('dispatch')
+            timer.end(plan.batch_size, plan.num_tokens == plan.num_decode)
 
-    def _run(self, plan) -> np.ndarray:
+    def _run(self, plan, timer=None) -> np.ndarray:
         """Forward the plan and sample one token per sampling row (int32)."""
         num_samples, num_logits = plan.num_samples, plan.num_logits
         sample_idx = plan.sample_idx
@@ -266,33 +338,47 @@ class Engine:
             slot_mapping=torch.from_numpy(plan.slot_mapping),
             sample_idx=torch.from_numpy(sample_idx), max_q_len=plan.max_q_len,
             max_kv_len=plan.max_kv_len, num_decode=plan.num_decode)
+        if timer:
+            timer.lap('step_input')
+        slot_idx = self._sampling_slots(plan.sample_handles) if num_samples else None
+        if timer:
+            timer.lap('sample_prep')
         logits = self.runner.run(step)
+        if timer:
+            timer.lap('forward')
         if num_logits:
             extra = logits[num_samples:].cpu()
             for j, handle in enumerate(plan.logits_handles.tolist()):
                 self._requests[handle].logits.append(extra[j])
         if not num_samples:
+            self._wake_callers()
             return _NO_TOKENS
-        requests = [self._requests[h] for h in plan.sample_handles.tolist()]
-        seen_ids, seen_lens = self._seen_tokens(requests, logits.device)
-        tokens = self.sampler.sample(logits[:num_samples], [r.params for r in requests],
-                                     [r.rng for r in requests], seen_ids, seen_lens)
-        return tokens.to(torch.int32).cpu().numpy()
+        batch = self.slots.batch(slot_idx, logits.device)
+        tokens = self.sampler(logits[:num_samples], batch).to(torch.int32)
+        self.slots.advance(slot_idx, batch)
+        if timer:
+            timer.lap('sample')
+        self._wake_callers()  # the previous step's callers run while the device works
+        if timer:
+            timer.lap('wake')
+        out = tokens.cpu().numpy()
+        if timer:
+            timer.lap('sync')
+        return out
 
-    def _seen_tokens(self, requests: List[Request], device):
-        """Padded token histories of the rows with a repetition penalty (others get none)."""
-        penalised = [r for r in requests if r.params.repetition_penalty != 1.0]
-        if not penalised:
-            return None, None
-        for r in penalised:
-            if r.seen is None:
-                r.seen = list(self.scheduler.session_info(r.session_id)['tokens'])
-        lens = [len(r.seen) if r.params.repetition_penalty != 1.0 else 0 for r in requests]
-        ids = torch.full((len(requests), max(max(lens), 1)), -1, dtype=torch.long)
-        for i, r in enumerate(requests):
-            if lens[i]:
-                ids[i, :lens[i]] = torch.tensor(r.seen, dtype=torch.long)
-        return ids.to(device), torch.tensor(lens, dtype=torch.long, device=device)
+    def _sampling_slots(self, handles: np.ndarray) -> np.ndarray:
+        """The slot of each sampling row (int64); rows that sample for the first time get one."""
+        requests = self._requests
+        slots = []
+        for h in handles.tolist():
+            r = requests[h]
+            if r.slot < 0:
+                history = None
+                if r.params.repetition_penalty != 1.0:  # the whole sequence, prompt included
+                    history = self.scheduler.session_info(r.session_id)['tokens']
+                r.slot = self.slots.add(r.params, r.rng, history)
+            slots.append(r.slot)
+        return np.array(slots, dtype=np.int64)
 
     def _fail_rows(self, plan, error: Exception):
         for handle in set(plan.row_handles.tolist()):
@@ -302,28 +388,53 @@ class Engine:
                 self.scheduler.cancel(request.session_id, False)
 
     def _dispatch(self, events):
+        """Hand each event to its request; its caller is woken later (`_wake_callers`)."""
         if not len(events.handles):
             return
-        offsets = events.offsets
-        tokens = events.tokens
-        for i, handle in enumerate(events.handles.tolist()):
-            request = self._requests.get(handle)
+        handles = events.handles.tolist()
+        offsets = events.offsets.tolist()
+        tokens = events.tokens.tolist()
+        finished = events.finished.tolist()
+        requests, slots, wakes = self._requests, self.slots, self._wakes
+        now = time.perf_counter()
+        for i, handle in enumerate(handles):
+            request = requests.get(handle)
             if request is None:
                 continue
-            new = tokens[offsets[i]:offsets[i + 1]].tolist()
-            if new:
+            a, b = offsets[i], offsets[i + 1]
+            if b > a:
+                new = tokens[a:b]
                 request.output_ids.extend(new)
-                if request.seen is not None:
-                    request.seen.extend(new)
-            if events.finished[i]:
+                request.stamps.append((now, len(request.output_ids)))
+                if request.slot >= 0 and slots.has_history(request.slot):
+                    slots.extend_history(request.slot, new)
+            if finished[i]:
                 code = int(events.codes[i])
                 if code and request.error is None:
                     request.error = error_for(code, events.messages[i])
                 request.reason = _tm.FINISH_REASONS[int(events.reasons[i])]
+                del requests[handle]
+                self._release(request)
                 request.finished = True
-                del self._requests[handle]
-                self._park_rng(request)
-            request.publish()
+            request.version += 1
+            if request.stream or request.finished:
+                wakes[id(request.cond)] = request.cond
+
+    def _wake_callers(self):
+        """Notify every `cond` whose requests changed since the last call."""
+        if not self._wakes:
+            return
+        wakes, self._wakes = self._wakes, {}
+        for cond in wakes.values():
+            with cond:
+                cond.notify_all()
+
+    def _release(self, request: Request):
+        """A finished request gives its sampling slot back and parks its random stream."""
+        if request.slot >= 0:
+            request.rng.counter = self.slots.remove(request.slot)
+            request.slot = -1
+        self._park_rng(request)
 
     def _park_rng(self, request: Request):
         """Keep a finished turn's random stream for the session's next turn (v0.0.2 7.3)."""

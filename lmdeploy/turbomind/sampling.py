@@ -53,7 +53,9 @@ API
 - ``RequestRng(seed=None, counter=0)``.
 - ``SamplingBatch`` holds the per-row tensors (the form a persistent batch can keep on device and
   update in place); ``SamplingBatch.build(params, rngs, seen_ids=None, seen_lens=None,
-  device=None)`` makes one from per-request objects.
+  device=None)`` makes one from per-request objects.  The engine does not rebuild it every step: `sampling_slots.SamplingSlots`
+  keeps the running requests' parameters in per-slot arrays and reuses the device batch while
+  the rows stay the same.
 - ``Sampler()(logits, batch) -> LongTensor[S]``: the vectorised core (no RNG state touched);
   ``Sampler().sample(logits, params, rngs, seen_ids=None, seen_lens=None)`` builds the batch,
   samples and advances every row's `RequestRng` by one.
@@ -437,17 +439,17 @@ class Sampler:
         if S == 0:
             return torch.empty(0, dtype=torch.int64, device=dev)
         x = self.process_logits(logits, batch)
+        # 3. greedy rows
+        best = x.argmax(dim=1)
+        if batch.all_greedy:
+            return best
 
         def on(t):
             return t.to(dev, non_blocking=True)
 
-        # 3. greedy rows
         top_k = on(batch.top_k).to(torch.int64)
         temp = on(batch.temperature).to(torch.float32)
         greedy = (top_k == 1) | (temp == 0)
-        best = x.argmax(dim=1)
-        if batch.all_greedy:
-            return best
         # 4. temperature (greedy rows divide by 1: their draw is discarded)
         temp = torch.where(greedy, torch.ones_like(temp), temp.clamp(min=1e-6))
         x = x / temp[:, None]

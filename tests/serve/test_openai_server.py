@@ -31,9 +31,11 @@ def _free_port() -> int:
 
 
 def start_server(workspace, *flags, timeout=120):
-    """(process, base_url) of `api_server` on a free loopback port, once /health answers."""
+    """(process, base_url) of `api_server` on a free loopback port, once /health answers
+    (`workspace` None: the flags name the model, e.g. --dummy)."""
     port = _free_port()
-    cmd = [sys.executable, '-m', 'lmdeploy.serve.openai.api_server', workspace,
+    cmd = [sys.executable, '-m', 'lmdeploy.serve.openai.api_server',
+           *([workspace] if workspace else []),
            '--server_name', '127.0.0.1', '--server_port', str(port), '--log_level', 'warning',
            *flags]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -241,11 +241,12 @@ def test_bad_values_are_one_line_errors(ws, capsys, flags, message):
     assert err.startswith(f'error: {message}') and len(err.strip().splitlines()) == 1, err
 
 
-def test_tp_other_than_1_is_a_one_line_error(ws):
-    out = run_cli(ws, '--tp', '2')
+def test_a_tp_that_does_not_split_the_model_is_a_one_line_error(ws):
+    out = run_cli(ws, '--tp', '3')
     assert out.returncode == 1 and out.stdout == ''
-    assert out.stderr.strip() == (f'error: cannot load {ws}: tp=2: tensor parallelism is not '
-                                  f'available yet; use tp=1')
+    assert out.stderr.strip() == (f'error: cannot load {ws}: tp=3 does not divide head_num 8 '
+                                  '(heads, KV heads, the FFN width and the vocabulary are split '
+                                  'evenly)')
 
 
 def test_help_explains_every_flag():

@@ -1,0 +1,267 @@
+"""Host overhead of the engine loop at a large batch, without a model.
+
+    python benchmark/profile_engine_host.py --rows 64,256 --steps 200 [--device cpu|cuda]
+        [--vocab 32000] [--clients threads|none] [--cprofile engine.prof] [--out host.json]
+
+The real Engine, the real C++ scheduler, the real sampler and the real
+`TurboMindInstance.stream_infer` callers, with one thing replaced: the ModelRunner. Its stand-in
+returns ready-made logits at once (a measurement harness: the forward's device time is not what
+is measured here). `--rows` requests start together, each streamed by its own client thread
+(`--clients threads`, as in profile_throughput and the servers) or submitted straight to the
+engine with nobody waiting (`--clients none`: the engine's own cost); the sampling parameters are
+mixed (greedy, top-k, top-p, temperature, a repetition penalty on a quarter of the rows, seeds).
+Once every row decodes, `--steps` steps are timed.
+
+Printed per row count: host microseconds per step split by phase (schedule, step_input,
+sample_prep, forward, sample, wake, sync, update, dispatch; see `step_timer.py`), the engine
+thread's CPU time per step (wall minus CPU is time the engine waited: the GIL or the device),
+and the callers' side: how many wake-ups per step they got and their CPU time per wake-up.
+`--device_ms` adds a stand-in for the forward's device time, to see what the host work and
+the callers' wake-ups add on top of it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import threading
+import time
+import types
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+PROMPT_LEN = 32
+WARMUP_STEPS = 8
+
+
+class ReadyLogits:
+    """ModelRunner's `run(step)` contract with the forward replaced by ready-made logits.
+
+    `device_ms` stands in for the forward's device time: on CUDA a spin kernel of that length
+    is queued (the host goes on, as after a graph replay, and waits at the token sync); on the
+    CPU the call sleeps with the GIL released."""
+
+    def __init__(self, cfg, num_blocks: int, device: str, device_ms: float = 0.0):
+        self.cfg = cfg
+        self.num_blocks = num_blocks
+        self.device = torch.device(device)
+        gen = torch.Generator().manual_seed(0)
+        rows = cfg.max_batch_size + cfg.max_prefill_tokens
+        self.logits = torch.randn(rows, cfg.vocab_size, generator=gen).to(device)
+        self.device_ms = device_ms
+        self.cycles = 0
+        if device_ms and self.device.type == 'cuda':
+            self.cycles = int(device_ms * _cycles_per_ms(self.device))
+
+    @property
+    def block_size(self) -> int:
+        return self.cfg.block_size
+
+    def run(self, step):
+        if self.cycles:
+            torch.cuda._sleep(self.cycles)
+        elif self.device_ms:
+            time.sleep(self.device_ms / 1000)
+        return self.logits[:step.sample_idx.shape[0]]
+
+
+def _cycles_per_ms(device) -> float:
+    torch.cuda._sleep(1000)  # warm up
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    torch.cuda.synchronize(device)
+    return 10_000_000 / start.elapsed_time(end)
+
+
+def sampling_mix(i: int) -> dict:
+    """Row i's sampling parameters: a mix like a real serving load."""
+    kind = i % 4
+    params = [dict(top_k=1), dict(top_k=40, top_p=1.0, temperature=1.0),
+              dict(top_k=0, top_p=0.9, temperature=0.7), dict(top_k=40, top_p=0.8,
+                                                             temperature=0.8)][kind]
+    if i % 8 == 3:
+        params['repetition_penalty'] = 1.1
+    params['random_seed'] = i if i % 2 else None
+    return params
+
+
+def output_len(steps: int) -> int:
+    return 2 * (WARMUP_STEPS + steps) + 64  # never runs out: cancelled once measured
+
+
+def build(rows: int, steps: int, vocab: int, device: str, device_ms: float):
+    from lmdeploy.turbomind.dummy import dummy_config
+    from lmdeploy.turbomind.engine import Engine
+    total = PROMPT_LEN + output_len(steps) + 8
+    cfg = dummy_config('llama2-7b', device=device, max_batch_size=rows, vocab_size=vocab,
+                       session_len=max(2048, total + 1), max_prefill_tokens=rows * PROMPT_LEN)
+    num_blocks = rows * math.ceil(total / cfg.block_size) + 8
+    engine = Engine(ReadyLogits(cfg, num_blocks, device, device_ms))
+    # What TurboMindInstance reads from its TurboMind.
+    tm = types.SimpleNamespace(engine=engine, config=cfg, eos_id=cfg.end_id, stop_words=[],
+                               session_len=cfg.session_len)
+    return tm, engine
+
+
+def measure(rows: int, steps: int, vocab: int, device: str, clients: str, device_ms: float = 0.0,
+            cprofile=None):
+    from lmdeploy.turbomind.engine import Request
+    from lmdeploy.turbomind.sampling import SamplingParams
+    from lmdeploy.turbomind.step_timer import StepTimer
+    from lmdeploy.turbomind.turbomind import TurboMindInstance
+    tm, engine = build(rows, steps, vocab, device, device_ms)
+    n_out = output_len(steps)
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, vocab, (rows, PROMPT_LEN), generator=gen).tolist()
+    wakeups = [0] * rows
+    cpu = [0.0] * rows
+    errors = []
+
+    def client(i):
+        t0 = time.thread_time()
+        try:
+            for _ in TurboMindInstance(tm).stream_infer(
+                    i + 1, prompts[i], request_output_len=n_out, sequence_start=True,
+                    sequence_end=True, ignore_eos=True, stream_output=True, **sampling_mix(i)):
+                wakeups[i] += 1
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+        cpu[i] = time.thread_time() - t0
+
+    threads = []
+    if clients == 'threads':
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(rows)]
+        for t in threads:
+            t.start()
+    else:
+        cond = threading.Condition()
+        for i in range(rows):
+            mix = sampling_mix(i)
+            seed = mix.pop('random_seed')
+            params = SamplingParams(**mix, bad_words=(tm.eos_id,), random_seed=seed)
+            engine.submit(Request(i + 1, params, cond, random_seed=seed),
+                          input_ids=prompts[i], request_output_len=n_out, sequence_end=True,
+                          end_id=-1, ignore_eos=True)
+
+    def decoding():
+        return engine.scheduler.num_running() == rows and engine.scheduler.num_waiting() == 0
+
+    while not engine.call(decoding):
+        time.sleep(0.01)
+    engine.timer = timer = StepTimer()
+    while engine.call(lambda: timer.steps) < WARMUP_STEPS:
+        time.sleep(0.005)
+    profiler = None
+    if cprofile:
+        import cProfile
+        profiler = cProfile.Profile()
+        engine.call(profiler.enable)  # runs on the engine thread: profiles the loop
+    base_wakeups = sum(wakeups)
+    engine.call(timer.reset)
+    t0 = time.perf_counter()
+    while engine.call(lambda: timer.steps) < steps:
+        if engine.call(lambda: engine.scheduler.num_running()) < rows:
+            raise RuntimeError('requests finished before the timed steps were done')
+        time.sleep(0.002)
+    report = engine.call(timer.report)
+    elapsed = time.perf_counter() - t0
+    measured_wakeups = sum(wakeups) - base_wakeups
+    if profiler is not None:
+        engine.call(profiler.disable)
+        profiler.dump_stats(cprofile)
+    engine.timer = None
+    engine.call(lambda: [engine.scheduler.cancel(i + 1, False) for i in range(rows)])
+    for t in threads:
+        t.join()
+    engine.close()
+    if errors:
+        raise errors[0]
+    report.update(rows=rows, clients=clients, device=device, vocab=vocab, device_ms=device_ms,
+                  steps_per_s=report['steps'] / elapsed)
+    if threads:
+        done_wakeups = max(1, sum(wakeups))
+        report['client_wakeups_per_step'] = measured_wakeups / max(1, report['steps'])
+        report['client_cpu_us_per_wakeup'] = sum(cpu) / done_wakeups * 1e6
+    return report
+
+
+PHASES = ('schedule', 'step_input', 'sample_prep', 'forward', 'sample', 'wake', 'sync', 'update',
+          'dispatch')
+
+
+def print_report(r: dict):
+    print(f'\nrows {r["rows"]}, clients {r["clients"]}, device {r["device"]}, vocab {r["vocab"]}, '
+          f'device_ms {r["device_ms"]:g}: {r["steps"]} steps, {r["steps_per_s"]:.1f} steps/s')
+    print(f'  step wall {r["step_us"]:9.0f} us   engine thread CPU {r["cpu_us"]:9.0f} us')
+    for phase in PHASES:
+        if f'{phase}_us' in r:
+            print(f'  {phase:<12} {r[f"{phase}_us"]:9.0f} us')
+    if 'client_wakeups_per_step' in r:
+        print(f'  callers: {r["client_wakeups_per_step"]:.1f} wake-ups per step, '
+              f'{r["client_cpu_us_per_wakeup"]:.0f} us CPU per wake-up')
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--rows', default='64,256',
+                   help='comma-separated numbers of concurrent requests (default: %(default)s)')
+    p.add_argument('--steps', type=int, default=200,
+                   help='decode steps timed per row count (default: %(default)s)')
+    p.add_argument('--vocab', type=int, default=1024,
+                   help='vocabulary size of the ready-made logits; on CPU the sampler\'s tensor '
+                        'work grows with it, keep it small to see the host overhead '
+                        '(default: %(default)s; 32000 is Llama-2\'s)')
+    p.add_argument('--device', default='cpu', help="where logits and sampling live: 'cpu' or "
+                   "'cuda' (default: %(default)s)")
+    p.add_argument('--device_ms', type=float, default=0.0,
+                   help='device time of the stand-in forward per step: on CUDA a spin kernel '
+                        '(the host waits for it at the token sync, as with a real forward); on '
+                        'the CPU a sleep inside run() (default: %(default)s)')
+    p.add_argument('--clients', default='threads', choices=('threads', 'none'),
+                   help='threads: one streaming stream_infer caller thread per request; none: '
+                        'requests submitted with nobody waiting (default: %(default)s)')
+    p.add_argument('--cprofile', default=None, metavar='FILE',
+                   help='cProfile the engine thread during the timed steps (last row count), '
+                        'stats written to FILE')
+    p.add_argument('--out', default=None, help='write the reports as JSON')
+    args = p.parse_args(argv)
+    try:
+        args.rows = [int(x) for x in args.rows.split(',')]
+    except ValueError:
+        p.error(f'--rows must be comma-separated integers, got {args.rows!r}')
+    if any(r < 1 for r in args.rows) or args.steps < 1 or args.vocab < 16 or args.device_ms < 0:
+        p.error('--rows and --steps must be >= 1, --vocab >= 16, --device_ms >= 0')
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        p.error('--device cuda: CUDA is not available')
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.device == 'cpu':
+        torch.set_num_threads(1)  # the CPU stands in for the device: keep it off the other cores
+    reports = []
+    for i, rows in enumerate(args.rows):
+        prof = args.cprofile if i == len(args.rows) - 1 else None
+        r = measure(rows, args.steps, args.vocab, args.device, args.clients, args.device_ms, prof)
+        print_report(r)
+        reports.append(r)
+    if args.cprofile:
+        import pstats
+        print(f'\ncProfile of the engine thread ({args.cprofile}), top 25 by total time:')
+        pstats.Stats(args.cprofile).sort_stats('tottime').print_stats(25)
+    if args.out:
+        with open(args.out, 'w') as f:
+            json.dump(reports, f, indent=1)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

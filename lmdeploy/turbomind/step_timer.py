@@ -1,0 +1,63 @@
+"""Host time of the engine's steps, split by phase (off unless asked for).
+
+    engine.timer = StepTimer()        # from any thread; the loop picks it up at its next step
+    ...
+    print(engine.call(engine.timer.report))   # microseconds per step for each phase
+
+The loop calls `begin()` when a step starts, `lap(phase)` after each phase (the time since the
+previous mark goes to `phase`) and `end(rows, decode_only)` when the step is over; steps that
+only decode (CUDA-graph steps on GPU) and mixed ones (prefill chunks too) are also counted
+apart. Wall time, so a phase that waits (the device, the GIL) shows that wait; `cpu_us` (this
+thread's CPU time) tells the two apart (a CUDA sync spins, so on GPU it counts as CPU).
+"""
+from __future__ import annotations
+
+import time
+from typing import Dict
+
+
+class StepTimer:
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.totals: Dict[str, float] = {}
+        self.steps = 0
+        self.rows = 0
+        self.wall = 0.0
+        self.cpu = 0.0
+        self.kinds: Dict[str, list] = {'decode': [0, 0.0], 'mixed': [0, 0.0]}  # [steps, wall]
+        self._t = self._t0 = self._c0 = 0.0
+
+    def begin(self):
+        self._t = self._t0 = time.perf_counter()
+        self._c0 = time.thread_time()
+
+    def lap(self, phase: str):
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + (now - self._t)
+        self._t = now
+
+    def end(self, rows: int, decode_only: bool = True):
+        wall = time.perf_counter() - self._t0
+        self.steps += 1
+        self.rows += rows
+        self.wall += wall
+        self.cpu += time.thread_time() - self._c0
+        kind = self.kinds['decode' if decode_only else 'mixed']
+        kind[0] += 1
+        kind[1] += wall
+
+    def report(self) -> Dict[str, float]:
+        """Per step: {'steps', 'rows_per_step', 'step_us', 'cpu_us', '<phase>_us', ...,
+        'decode_steps', 'decode_step_us', 'mixed_steps', 'mixed_step_us'}."""
+        n = max(1, self.steps)
+        out = {'steps': self.steps, 'rows_per_step': self.rows / n,
+               'step_us': self.wall / n * 1e6, 'cpu_us': self.cpu / n * 1e6}
+        for phase, total in self.totals.items():
+            out[f'{phase}_us'] = total / n * 1e6
+        for kind, (steps, wall) in self.kinds.items():
+            out[f'{kind}_steps'] = steps
+            out[f'{kind}_step_us'] = wall / max(1, steps) * 1e6
+        return out

@@ -1,0 +1,39 @@
+"""benchmark/profile_engine_host.py and benchmark/profile_throughput.py on tiny shapes (CPU)."""
+import json
+
+from benchmark import profile_engine_host, profile_throughput
+
+PHASES = ('schedule', 'step_input', 'sample_prep', 'forward', 'sample', 'wake', 'sync', 'update',
+          'dispatch')
+
+
+def test_engine_host_reports_phases_and_callers(tmp_path):
+    out = tmp_path / 'host.json'
+    profile_engine_host.main(['--rows', '3,6', '--steps', '5', '--vocab', '64',
+                              '--device_ms', '1', '--out', str(out)])
+    reports = json.loads(out.read_text())
+    assert [r['rows'] for r in reports] == [3, 6]
+    for r in reports:
+        assert r['steps'] >= 5 and r['rows_per_step'] == r['rows']
+        assert all(r[f'{p}_us'] >= 0 for p in PHASES)
+        assert r['forward_us'] >= 900  # the 1 ms stand-in for the device
+        assert sum(r[f'{p}_us'] for p in PHASES) <= r['step_us'] * 1.01
+        assert r['decode_steps'] == r['steps']  # every timed step only decodes
+        assert 0 < r['client_wakeups_per_step'] <= r['rows']
+
+
+def test_throughput_stamps_equal_streamed_counts(tmp_path):
+    common = ['synthetic', '--dummy', 'tiny', '--concurrency', '4', '--num_prompts', '6',
+              '--max_batch_size', '4', '--session_len', '400', '--no_progress']
+    results = {}
+    for mode in ('stamps', 'stream'):
+        out = tmp_path / f'{mode}.json'
+        extra = ['--stream_output'] if mode == 'stream' else ['--engine_timing']
+        assert profile_throughput.main(common + extra + ['--out', str(out)]) == 0
+        results[mode] = json.loads(out.read_text())
+    a, b = results['stamps'], results['stream']
+    assert a['output_tokens'] == b['output_tokens'] > 0  # seeded: the same set and lengths
+    for r in (a, b):
+        assert 0 < r['ttft_ms_p50'] <= r['ttft_ms_p99'] and 0 < r['itl_ms_p50'] <= r['itl_ms_p99']
+    timing = a['engine_timing']
+    assert timing['steps'] == timing['decode_steps'] + timing['mixed_steps'] > 0
