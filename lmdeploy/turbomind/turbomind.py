@@ -349,10 +349,15 @@ class TurboMindInstance:
         return requests
 
     def _stream(self, requests: List[Request], stream_output: bool):
-        """Yield snapshots of `requests` (which share one `Wakeup`) until all are finished."""
+        """Yield snapshots of `requests` (which share one `Wakeup`) until all are finished.
+
+        Streaming yields one snapshot per engine step that handed tokens over, also when this
+        thread woke up late and several steps' tokens are already in (each step's state is
+        known from the request's `stamps`)."""
         wakeup: Wakeup = requests[0].cond
         buffers = [_TokenBuffer() for _ in requests]
-        last = None
+        shown = [0] * len(requests)  # tokens of each row in the last snapshot
+        stamped = [0] * len(requests)  # stamps of each row already turned into snapshots
         while True:
             wakeup.wait()
             # `finished` first: the engine sets it after the last tokens are in.
@@ -362,14 +367,26 @@ class TurboMindInstance:
                 raise failed
             finished = all(done)
             state = [len(r.output_ids) for r in requests]
-            if finished or (stream_output and state != last):  # a wake-up may bring nothing
-                last = state
-                outputs = []
-                for r, buf, fin, n in zip(requests, buffers, done, state):
-                    outputs.append(StreamOutput(buf.take(r.output_ids, n), n,
-                                                r.reason if fin else '',
-                                                r.stamps if fin else ()))
-                yield outputs
+            steps = [[shown[j]] for j in range(len(requests))]
+            if stream_output:  # the length of each row after each step since the last snapshot
+                for j, r in enumerate(requests):
+                    new = r.stamps[stamped[j]:]
+                    stamped[j] += len(new)
+                    steps[j] += [n for _, n in new if shown[j] < n < state[j]]
+            for j in range(len(requests)):
+                steps[j].append(state[j])
+            for k in range(1, max(len(s) for s in steps)):
+                lens = [s[min(k, len(s) - 1)] for s in steps]
+                last = k == max(len(s) for s in steps) - 1
+                if lens == shown and not (finished and last):
+                    continue  # a wake-up may bring nothing
+                if not (stream_output or (finished and last)):
+                    continue
+                shown = lens
+                yield [StreamOutput(buf.take(r.output_ids, n), n,
+                                    r.reason if fin and n == full else '',
+                                    r.stamps if fin and n == full else ())
+                       for r, buf, fin, n, full in zip(requests, buffers, done, lens, state)]
             if finished:
                 return
 

@@ -113,3 +113,22 @@ def test_a_request_that_does_not_stream_wakes_its_caller_once(tm):
     tm.engine.submit(request, input_ids=PROMPT, request_output_len=6, sequence_end=True)
     assert cond.event.wait(30) and request.finished
     assert cond.notified == 1 and len(request.output_ids) == 6 and len(request.stamps) == 6
+
+
+def test_a_late_streaming_caller_still_gets_every_step(tm):
+    """The caller sleeps while the engine runs many steps: it still sees one snapshot per
+    step (v0.0.2 could skip intermediate states), each a prefix of the final output."""
+    snapshots = []
+    for outputs in tm.create_instance().stream_infer([9, 10], [PROMPT, PROMPT[:3]],
+                                                     request_output_len=24, top_k=1,
+                                                     ignore_eos=True, stream_output=True,
+                                                     sequence_end=True):
+        snapshots.append([(o[0].tolist(), o[1]) for o in outputs])
+        if len(snapshots) == 2:
+            time.sleep(0.5)  # dozens of steps run meanwhile
+    lengths = [[n for _, n in snap] for snap in snapshots]
+    assert lengths == [[k, k] for k in range(1, 25)]
+    final = [ids for ids, _ in snapshots[-1]]
+    for snap in snapshots:
+        for (ids, n), full in zip(snap, final):
+            assert ids == full[:n]
