@@ -66,7 +66,7 @@ def _progress(total: int, desc: str):
 
 MAX_BATCH = 0  # a row's concurrency 'max': as many sessions of the row as the KV pool holds
 MAX_BATCH_LIMIT = 128  # max_batch_size for 'max' rows when --max_batch_size is not given
-HF_MAX_TOKENS = 64 * 2048  # --compare hf: batch x (prompt + new tokens) transformers runs at most
+HF_MAX_TOKENS = 64 * 256  # --compare hf: batch x (prompt + new tokens) transformers runs at most
 
 
 def max_concurrency(tm, i: int, o: int) -> int:
