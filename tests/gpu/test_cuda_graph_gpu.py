@@ -72,6 +72,40 @@ def test_prompt_graphs_equal_eager_with_and_without_a_cached_prefix(workspace, v
         assert on.engine.runner.graphs.prompt_replays >= 4
 
 
+@pytest.mark.parametrize('variant', ['gqa', 'internlm'])
+def test_mixed_steps_run_as_replays_equal_eager(workspace, variant):
+    """Prompts that arrive while another request decodes share its steps (decode rows + a
+    prompt row): graphs run those as a decode replay plus a prompt replay per prompt row;
+    every request's greedy tokens equal the eager engine's."""
+    import threading
+    from lmdeploy.turbomind import TurboMind
+    ws = workspace(variant)
+    kw = dict(device='cuda', dtype='fp32', block_size=16, max_batch_size=4)
+    with TurboMind(ws, **kw) as on, TurboMind(ws, cuda_graph=False, **kw) as off:
+        results = {}
+        for name, tm in (('on', on), ('off', off)):
+            got, started = {}, threading.Event()
+
+            def long_decode():
+                out = None
+                for out in tm.create_instance().stream_infer(
+                        1, PROMPTS[0], request_output_len=48, top_k=1, ignore_eos=True,
+                        stream_output=True, sequence_end=True):
+                    if out[0][1] >= 3:
+                        started.set()
+                got['long'] = out[0][0].tolist()
+
+            t = threading.Thread(target=long_decode)
+            t.start()
+            started.wait(60)
+            for sid, prompt in ((2, PROMPTS[1]), (3, PROMPTS[2][:20])):
+                got[sid] = generate(tm, [prompt], 8, session=sid)[0]
+            t.join(60)
+            results[name] = got
+        assert results['on'] == results['off']
+        assert on.engine.runner.graphs.split_replays > 0
+
+
 @pytest.fixture(scope='module')
 def tm7b():
     from lmdeploy.turbomind import TurboMind
