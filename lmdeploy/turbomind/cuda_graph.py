@@ -20,6 +20,9 @@ the graph.
   token attends to them), are never written (slot -1), and their table entries point at the
   row's first block (read only by the padding). kv_len is declared as prefix + T, so the real
   token i still sits at position prefix + i. sample_idx (one entry) is the real last token.
+* Mixed steps (decode rows, then at most MAX_SPLIT_PROMPTS prompt rows) run as one decode
+  replay plus one prompt replay per prompt row (`_run_split`); rows are independent, so the
+  logits are the same rows an eager forward gives.
 
 Attention's decode split count is a host-side launch parameter: graphs are captured with the
 hint ``max_kv_len = capture_kv_len`` (session_len), valid for any kv_lens up to it. The eager
