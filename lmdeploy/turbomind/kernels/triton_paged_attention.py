@@ -108,6 +108,19 @@ def _block_ids(BT_row, offs_n, mask_n, n0, PAGE: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
+def _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d, kv_mask, stride_kb, stride_ks,
+                  stride_vb, stride_vs, DT: tl.constexpr, PAGE: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The K and V tiles of positions offs_n (one KV head) and their pool blocks: (blk, k, v).
+    kv_mask: what to load ([BLOCK_N, BLOCK_D]; full tiles pass only the head-dim mask)."""
+    blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
+    off = (offs_n % PAGE)[:, None]
+    k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask, DT)
+    v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask, DT)
+    return blk, k, v
+
+
+@triton.jit
 def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                    stride_vh, stride_bt, stride_ot, stride_oh, stride_qpkv, stride_qpb,
@@ -149,13 +162,9 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
-        off = (offs_n % PAGE)[:, None]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask,
-                     Q.dtype.element_ty)
-        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask,
-                     Q.dtype.element_ty)
+        blk, k, v = _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d,
+                                  mask_n[:, None] & mask_d[None, :], stride_kb, stride_ks,
+                                  stride_vb, stride_vs, Q.dtype.element_ty, PAGE, BLOCK_N)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
         else:
@@ -280,12 +289,9 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, QP, qk_scale, num_rows,
     for n0 in range(0, full_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi_kv  # always true here; keeps loads in bounds for the compiler
-        blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
-        off = (offs_n % PAGE)[:, None]
-        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :],
-                     mask_d[None, :], Q.dtype.element_ty)
-        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :],
-                     mask_d[None, :], Q.dtype.element_ty)
+        blk, k, v = _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d,
+                                  mask_d[None, :], stride_kb, stride_ks, stride_vb, stride_vs,
+                                  Q.dtype.element_ty, PAGE, BLOCK_N)
         s = _scale_scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC), qk, QP,
                           kvh, blk, offs_n, mask_n, stride_qpb, stride_qph, PAGE, QUANT)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -299,13 +305,9 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, QP, qk_scale, num_rows,
     for n0 in range(full_end, hi_kv, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi_kv
-        blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
-        off = (offs_n % PAGE)[:, None]
-        kv_mask = mask_n[:, None] & mask_d[None, :]
-        k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask,
-                     Q.dtype.element_ty)
-        v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask,
-                     Q.dtype.element_ty)
+        blk, k, v = _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d,
+                                  mask_n[:, None] & mask_d[None, :], stride_kb, stride_ks,
+                                  stride_vb, stride_vs, Q.dtype.element_ty, PAGE, BLOCK_N)
         s = _scale_scores(tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC), qk, QP,
                           kvh, blk, offs_n, mask_n, stride_qpb, stride_qph, PAGE, QUANT)
         causal = (offs_n[None, :] <= ctx[:, None]) & mask_n[None, :]
