@@ -44,6 +44,17 @@ def ms_eager(fn, rep=100):
     return do_bench(fn, warmup=25, rep=rep, return_mode='median')
 
 
+def try_config(c, f, ref, timer):
+    """One sweep candidate: (ms, c, relative error vs ref), or None (printed) if it fails."""
+    try:
+        o = f()
+        e = float((o.double() - ref.double()).norm() / ref.double().norm())
+        return timer(f, rep=50), c, e
+    except Exception as ex:  # noqa: BLE001 - a config the compiler rejects is skipped
+        print(f'  cfg {c}: failed {type(ex).__name__}: {str(ex)[:200]}')
+        return None
+
+
 def ms_graph(fn, rep=100):
     try:
         return do_bench_cudagraph(fn, rep=rep, return_mode='median')
@@ -160,16 +171,11 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
         for c in cands:
             f = lambda c=c: tpa.paged_attention_triton(*args, kv_qparams=qp,  # noqa: E731
                                                        decode_cfg=c)
-            try:
-                o = f()
-                e = float((o.double() - ref.double()).norm() / ref.double().norm())
-                ms = ms_graph(f, rep=50)
-            except Exception as ex:  # noqa
-                print(f'  cfg {c}: failed {type(ex).__name__}: {str(ex)[:200]}')
-                continue
-            results.append((ms, c, e))
-            print(f'  cfg {c}: {ms * 1e3:.1f} us  {kv_bytes / ms / 1e9:.2f} TB/s  err {e:.1e}',
-                  flush=True)
+            r = try_config(c, f, ref, ms_graph)
+            if r is not None:
+                results.append(r)
+                print(f'  cfg {c}: {r[0] * 1e3:.1f} us  {kv_bytes / r[0] / 1e9:.2f} TB/s  '
+                      f'err {r[2]:.1e}', flush=True)
         results.sort(key=lambda r: r[0])
         if results:
             ms, c, e = results[0]
@@ -216,16 +222,11 @@ def bench_prefill(rows, hq, hkv, D=128, page=64, dtype=torch.float16, name='', w
                 for warps in (4, 8):
                     c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=3)
                     f = lambda c=c: tpa.paged_attention_triton(*args, prefill_cfg=c)  # noqa
-                    try:
-                        o = f()
-                        e = float((o.double() - ref.double()).norm() / ref.double().norm())
-                        ms = ms_eager(f, rep=50)
-                    except Exception as ex:  # noqa
-                        print(f'  cfg {c}: failed {type(ex).__name__}: {str(ex)[:200]}')
-                        continue
-                    results.append((ms, c, e))
-                    print(f'  cfg {c}: {ms * 1e3:.1f} us {flops / ms / 1e9:.1f} TFLOP/s '
-                          f'err {e:.1e}', flush=True)
+                    r = try_config(c, f, ref, ms_eager)
+                    if r is not None:
+                        results.append(r)
+                        print(f'  cfg {c}: {r[0] * 1e3:.1f} us {flops / r[0] / 1e9:.1f} '
+                              f'TFLOP/s err {r[2]:.1e}', flush=True)
         results.sort(key=lambda r: r[0])
         if results:
             ms, c, e = results[0]
