@@ -19,6 +19,7 @@ Only the standard library is imported here: the checks run before torch or an en
 from __future__ import annotations
 
 import inspect
+import logging
 import re
 import sys
 from typing import Callable, List, NoReturn, Optional, Sequence
@@ -62,6 +63,18 @@ def one_line(e: BaseException, with_type: bool = False) -> str:
     if not text:
         return name
     return f'{name}: {text}' if with_type else text
+
+
+def log_to_stderr(logger: logging.Logger, level: int, fmt: str) -> logging.Logger:
+    """`logger` at `level`, writing `fmt` lines to stderr (one handler, however often called;
+    not propagated, so a host's root logger does not print them twice)."""
+    logger.setLevel(level)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(fmt))
+        logger.addHandler(handler)
+        logger.propagate = False
+    return logger
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:

@@ -40,7 +40,7 @@ import threading
 from typing import List, Optional
 
 from lmdeploy.console import (EXIT_ERROR, EXIT_INTERRUPTED, UsageError, enable_line_editing, fail,
-                              one_line, read_prompt, run_fire)
+                              log_to_stderr, one_line, read_prompt, run_fire)
 
 LOG_LEVELS = ('TRACE', 'DEBUG', 'INFO', 'WARNING', 'ERROR')
 
@@ -73,13 +73,7 @@ def setup_logging(log_level: str) -> None:
     """Quiet engine logs, as v0.0.2's TM_LOG_LEVEL=ERROR did."""
     os.environ['TM_LOG_LEVEL'] = log_level
     level = {'TRACE': logging.DEBUG}.get(log_level, getattr(logging, log_level))
-    logger = logging.getLogger('lmdeploy.turbomind')
-    logger.setLevel(level)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter('[TM][%(levelname)s] %(message)s'))
-        logger.addHandler(handler)
-        logger.propagate = False
+    log_to_stderr(logging.getLogger('lmdeploy.turbomind'), level, '[TM][%(levelname)s] %(message)s')
 
 
 class Chat:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Sequence, Union
 
 import numpy as np
+
+from lmdeploy.console import log_to_stderr
 
 LOGGER_NAME = 'service.ft'
 
@@ -18,13 +19,7 @@ def get_logger(name: str = LOGGER_NAME, log_level: Union[int, str] = logging.INF
         log_level = logging.getLevelName(log_level.upper())
         if not isinstance(log_level, int):
             log_level = logging.WARNING
-    logger.setLevel(log_level)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter('[%(name)s] %(levelname)s: %(message)s'))
-        logger.addHandler(handler)
-        logger.propagate = False
-    return logger
+    return log_to_stderr(logger, log_level, '[%(name)s] %(levelname)s: %(message)s')
 
 
 def prepare_tensor(name: str, value) -> 'object':
