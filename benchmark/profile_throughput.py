@@ -297,6 +297,11 @@ def main(argv=None):
         if timer is not None:
             summary['engine_timing'] = tm.engine.call(timer.report)
             tm.engine.timer = None
+        graphs = getattr(tm.engine.runner, 'graphs', None)
+        if graphs is not None:
+            summary['graph_replays'] = dict(decode=graphs.replays, prompt=graphs.prompt_replays,
+                                            mixed=graphs.mixed_replays)
+            print(f"CUDA graph replays: {summary['graph_replays']}")
         device = f'{tm.config.device} ({tm.config.dtype})'
         print_table(summary, args, device)
         if timer is not None:

@@ -23,8 +23,10 @@ Engine keys that v0.0.2 did not have:
 * ``device``: 'cpu', 'cuda' or 'cuda:N'; default cuda when available, else cpu;
 * ``rope_theta``: rotary base (deploy writes it only when it is not 10000);
 * ``chunked_prefill``: split long prompts over steps within ``max_prefill_tokens`` (default on).
-* ``cuda_graph``: replay decode-only steps from CUDA graphs captured per batch-size bucket
-  (default on; it only takes effect on CUDA, the CPU path never captures).
+* ``cuda_graph``: replay steps from CUDA graphs (cuda_graph.py): decode-only steps per
+  batch-size bucket, lone prompts per token bucket up to 512, and mixed steps (prompts joining
+  decoding rows) per token bucket up to 2048 (default on; it only takes effect on CUDA, the CPU
+  path never captures).
 * ``kv_int8_scales``: where int8 KV (``quant_policy = 4``) takes its scales: 'per_tensor'
   (default; v0.0.2's ``layers.{i}.past_kv_scale.{tp}.weight`` files, 2 floats symmetric or 4
   asymmetric), 'per_head' (the ``....per_head.weight`` files) or 'online' (no files: a scale

@@ -10,7 +10,9 @@ returns logits only for the tokens named in `sample_idx`.
 Fields (all 1-D/2-D tensors on any device; the runner moves them to its device):
 
 ``input_ids``    [T] int64 (int32 accepted)
-    Token ids of the new tokens, rows concatenated in row order.
+    Token ids of the new tokens, rows concatenated in row order. A negative entry ``-(j+1)``
+    stands for a token the host does not know yet: entry j of ``prev_tokens``, the previous
+    step's sampled tokens, still on the device (the engine plans step n+1 while step n runs).
 ``positions``    [T] int64
     Absolute position of each new token in its sequence (0 = the first token of the session):
     for row b, ``kv_lens[b] - q_len[b] + i`` for its i-th new token. Drives the rotary
@@ -33,6 +35,10 @@ Fields (all 1-D/2-D tensors on any device; the runner moves them to its device):
     Indices into the T tokens whose logits are returned, in the order of the returned rows:
     the last new token of every row that samples this step (a prefill chunk that is not the
     prompt's last samples nothing), or every position for `decode()` (v0.0.2 section 6.4).
+
+Optional:
+``prev_tokens``  [S'] int tensor on the runner's device, or None
+    The previous step's sampled tokens, which negative ``input_ids`` entries refer to.
 
 Plain ints (known to the scheduler; they save a device sync in the kernels):
 ``max_q_len`` = max(q_len), ``max_kv_len`` = max(kv_lens), ``num_decode`` = how many leading
@@ -61,6 +67,11 @@ class StepInput:
     max_q_len: int = 0
     max_kv_len: int = 0
     num_decode: int = 0
+    prev_tokens: Optional[torch.Tensor] = None
+
+    def token_ids(self) -> torch.Tensor:
+        """input_ids with every placeholder replaced by its entry of prev_tokens."""
+        return resolve_input_ids(self.input_ids, self.prev_tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -78,7 +89,7 @@ class StepInput:
         """Same plan with every tensor on `device`, with the dtypes the kernels expect."""
         want = {'input_ids': torch.long, 'positions': torch.long, 'cu_seqlens': torch.int32,
                 'kv_lens': torch.int32, 'block_table': torch.int32, 'slot_mapping': torch.long,
-                'sample_idx': torch.long}
+                'sample_idx': torch.long, 'prev_tokens': torch.long}
         kwargs = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -105,6 +116,8 @@ class StepInput:
             if not cond:
                 raise ValueError(f'invalid StepInput: {msg}')
 
+        need(self.prev_tokens is not None or not bool((self.input_ids < 0).any()),
+             'negative input_ids (placeholders) need prev_tokens')
         need(tuple(cu.shape) == (B + 1,), f'cu_seqlens shape {tuple(cu.shape)} != ({B + 1},)')
         need(int(cu[0]) == 0 and int(cu[-1]) == T, 'cu_seqlens must start at 0 and end at T')
         q_lens = cu[1:] - cu[:-1]
@@ -129,6 +142,17 @@ class StepInput:
         need(bool(((s >= 0) & (s < T)).all()), 'sample_idx out of range')
         d = self.num_decode
         need(0 <= d <= B and bool((q_lens[:d] == 1).all()), 'num_decode rows must have q_len 1')
+
+
+def resolve_input_ids(input_ids: torch.Tensor, prev_tokens: Optional[torch.Tensor]):
+    """Token ids with each placeholder ``-(j+1)`` replaced by ``prev_tokens[j]``, on the
+    device and without a sync (so it can also run inside a CUDA graph)."""
+    if prev_tokens is None:
+        return input_ids
+    src = (-1 - input_ids).clamp_(min=0)
+    prev = prev_tokens.to(input_ids.dtype).index_select(0, src.clamp_(max=max(
+        prev_tokens.shape[0] - 1, 0))) if prev_tokens.shape[0] else torch.zeros_like(input_ids)
+    return torch.where(input_ids < 0, prev, input_ids)
 
 
 @dataclass

@@ -75,8 +75,8 @@ def test_prompt_graphs_equal_eager_with_and_without_a_cached_prefix(workspace, v
 @pytest.mark.parametrize('variant', ['gqa', 'internlm'])
 def test_mixed_steps_run_as_replays_equal_eager(workspace, variant):
     """Prompts that arrive while another request decodes share its steps (decode rows + a
-    prompt row): graphs run those as a decode replay plus a prompt replay per prompt row;
-    every request's greedy tokens equal the eager engine's."""
+    prompt row): they replay a mixed (varlen) graph; every request's greedy tokens equal the
+    eager engine's."""
     import threading
     from lmdeploy.turbomind import TurboMind
     ws = workspace(variant)
@@ -103,7 +103,45 @@ def test_mixed_steps_run_as_replays_equal_eager(workspace, variant):
             t.join(60)
             results[name] = got
         assert results['on'] == results['off']
-        assert on.engine.runner.graphs.split_replays > 0
+        assert on.engine.runner.graphs.mixed_replays > 0
+
+
+@pytest.mark.parametrize('variant', ['gqa', 'llama'])
+def test_varlen_graph_logits_equal_eager_forward(workspace, variant):
+    """Runner level: a mixed step of decode rows, prompt chunks over cached prefixes and new
+    prompts (more rows than any split would take), with placeholder ids resolved from the
+    previous step's tokens on the device, gives the eager forward's logits from a graph."""
+    import dataclasses
+    from lmdeploy.turbomind.config import EngineConfig
+    from lmdeploy.turbomind.model_runner import ModelRunner
+    from lmdeploy.turbomind.step_input import RowPlan, build_step_input
+    cfg = EngineConfig.from_workspace(workspace(variant), device='cuda', dtype='fp32',
+                                      block_size=16, max_batch_size=8, num_blocks=64,
+                                      max_prefill_tokens=256)
+    runner = ModelRunner(cfg)
+    g = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 1000, (n,), generator=g).tolist()
+
+    first = build_step_input([RowPlan(ids(40), 0, [3, 9, 4]), RowPlan(ids(17), 0, [1, 12]),
+                              RowPlan(ids(33), 0, [20, 21, 22], 'none')], 16)
+    runner.run(first)
+    rows = [RowPlan([5], 40, [3, 9, 4]), RowPlan([7], 17, [1, 12]),
+            RowPlan(ids(9), 33, [20, 21, 22]), RowPlan(ids(70), 0, [30, 31, 32, 33, 34]),
+            RowPlan(ids(3), 0, [40])]
+    step = build_step_input(rows, 16)
+    prev = torch.tensor([0, 7, 5], device='cuda')  # the decode rows' ids, as placeholders
+    ids_ = step.input_ids.clone()
+    ids_[0], ids_[1] = -3, -2
+    placeholder = dataclasses.replace(step, input_ids=ids_, prev_tokens=prev)
+    before = runner.graphs.mixed_replays
+    got = runner.run(placeholder)
+    assert runner.graphs.mixed_replays == before + 1
+    want = runner.model.forward(step.to('cuda'), runner.kv_cache)
+    assert got.shape == want.shape == (5, cfg.vocab_size)
+    assert (got - want).abs().max().item() < 1e-3
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 @pytest.fixture(scope='module')

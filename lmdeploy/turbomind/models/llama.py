@@ -48,7 +48,7 @@ class LlamaModel:
         k, w = self.k, self.w
         D, hq, hkv = self.head_dim, self.hq, self.hkv
         T = step.num_tokens
-        h = F.embedding(step.input_ids, w.tok_embeddings)
+        h = F.embedding(step.token_ids(), w.tok_embeddings)
         residual = None
         for i, lw in enumerate(w.layers):
             if residual is None:
