@@ -1,6 +1,7 @@
 """Time the data-plane kernels (Triton vs torch reference) on a CUDA GPU; print a table, write JSON.
 
-    python3 benchmark/bench_kernels.py [--out kernels.json] [--sweep] [--quick] [--only int8]
+    python3 benchmark/bench_kernels.py [--out kernels.json] [--sweep] [--quick]
+                                       [--only int8|rotary_store_kv]
 
 Decode attention is the headline: batch 64, context 4096, Llama-2-7B heads (32 x 128, MHA)
 and Llama-3-8B's GQA (8 KV heads), block 64, fp16. Its bandwidth is bytes of KV read / time
@@ -10,7 +11,9 @@ kernels report (bytes read + written) / time. Times are medians of triton.testin
 replays (device time only, as the engine's decode graphs will see it). `--sweep` also times
 the decode kernel's tunables and prints the best. int8 KV rows (quant_policy 4, static
 per-head scales and online per-token scales) count the int8 bytes (plus the online scales);
-`--only int8` runs them beside the fp16 decode rows they compare with.
+`--only int8` runs them beside the fp16 decode rows they compare with. `rotary+store_kv`
+rows time the fused kernel against the rotary + store_kv pair it replaces in the layer
+(`--only rotary_store_kv` runs just those, `--sweep` adds its head-block sizes).
 """
 import argparse
 import json
@@ -33,6 +36,7 @@ from lmdeploy.turbomind.kernels.paged_attention import paged_attention_ref  # no
 from lmdeploy.turbomind.kernels.rms_norm import rms_norm_ref, rms_norm_triton  # noqa: E402
 from lmdeploy.turbomind.kernels.rotary import (rotary_embedding_ref,  # noqa: E402
                                                rotary_embedding_triton)
+from lmdeploy.turbomind.kernels.rotary_store_kv import rotary_store_kv_triton  # noqa: E402
 from lmdeploy.turbomind.kernels.store_kv import store_kv_ref, store_kv_triton  # noqa: E402
 
 DEV = 'cuda'
@@ -140,14 +144,19 @@ def to_int8(args, quant):
 
 
 def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=False,
-                 with_ref=False, with_sdpa=False, quant=None):
+                 with_ref=False, with_sdpa=False, quant=None, hint=0):
+    """hint: the max_kv_len launch hint (0: the real context); the engine's CUDA graphs launch
+    with session_len, so the split count does not see the real context."""
     args = make_attention([(ctx - 1, 1)] * B, hq, hkv, D, page, dtype)
+    if hint:
+        args = (*args[:8], hint)
     qp = None
     if quant:
         args, qp = to_int8(args, quant)
     kv_bytes = B * ctx * hkv * (D * 2 * args[1].element_size() + (8 if quant == 'online' else 0))
-    shape = f'B{B} ctx{ctx} hq{hq} hkv{hkv} p{page}' + (f' int8-{quant}' if quant else '')
-    splits, part = tpa.decode_splits(B, hkv, ctx, torch.device(DEV))
+    shape = f'B{B} ctx{ctx} hq{hq} hkv{hkv} p{page}' + (f' int8-{quant}' if quant else '') + (
+        f' hint{hint}' if hint else '')
+    splits, part = tpa.decode_splits(B, hkv, hint or ctx, torch.device(DEV))
     fn = lambda: tpa.paged_attention_triton(*args, kv_qparams=qp)  # noqa: E731
     ref = paged_attention_ref(*args, kv_qparams=qp)
     err = float((fn().double() - ref.double()).norm() / ref.double().norm())
@@ -163,8 +172,15 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
             cands = [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, w, st in
                      ((64, 4, 3), (64, 4, 5), (64, 4, 7), (32, 4, 7), (128, 4, 5), (64, 8, 5),
                       (128, 8, 5))]
+            # int8 -> fp16 for tl.dot goes through a layout conversion; without dots the
+            # int8 tile converts in registers (MHA: the dot's 16 rows hold 1 query head)
+            cands += [dict(use_dot=False, BLOCK_N=bn, num_warps=w, num_stages=st)
+                      for bn, w, st in ((32, 4, 3), (64, 4, 3), (64, 4, 5), (64, 8, 4))]
         else:
-            cands += [dict(use_dot=False, BLOCK_N=32, num_warps=4, num_stages=2),
+            cands += [dict(BLOCK_N=64, num_warps=4, num_stages=1),
+                      dict(BLOCK_N=32, num_warps=2, num_stages=2),
+                      dict(BLOCK_N=16, num_warps=2, num_stages=2),
+                      dict(use_dot=False, BLOCK_N=32, num_warps=4, num_stages=2),
                       dict(use_dot=False, BLOCK_N=64, num_warps=4, num_stages=3),
                       dict(waves=8), dict(waves=1)]
         results = []
@@ -239,6 +255,16 @@ def bench_prefill(rows, hq, hkv, D=128, page=64, dtype=torch.float16, name='', w
         f = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
             qd, k, v, is_causal=True, enable_gqa=hq != hkv)
         record('prefill_attn', name, 'torch-sdpa', ms_eager(f), flops=flops)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            def g(backend=backend):
+                with sdpa_kernel(backend):
+                    return f()
+            try:
+                record('prefill_attn', name, f'sdpa-{backend.name.lower()}', ms_eager(g),
+                       flops=flops)
+            except Exception as ex:  # noqa: BLE001 - a backend this build lacks
+                print(f'  sdpa {backend.name}: {str(ex).splitlines()[0][:100]}')
     del args
     torch.cuda.empty_cache()
 
@@ -280,6 +306,36 @@ def bench_elementwise(T, dtype=torch.float16):
                graph_ms=ms_graph(f) if impl == 'triton' else None)
 
 
+def bench_rotary_store_kv(T, hq=32, hkv=32, D=128, page=64, dtype=torch.float16, sweep=False):
+    """The fused rotary + KV store against the two kernels it replaces (one graph each), on
+    column views of a fused qkv output. Both rows count the fused kernel's bytes (q read and
+    written, k and v read and written once), so TB/s compares like with like."""
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=DEV, dtype=dtype)
+    q, k, v = (x.view(T, -1, D) for x in qkv.split([hq * D, hkv * D, hkv * D], dim=-1))
+    pos = torch.randint(0, 4096, (T,), device=DEV)
+    nblk = triton.cdiv(T, page) * 4
+    kc = torch.randn(nblk, page, hkv, D, device=DEV, dtype=dtype)
+    vc = torch.randn_like(kc)
+    slots = torch.randperm(nblk * page, device=DEV)[:T]
+    nb = 2 * T * (hq + 2 * hkv) * D * qkv.element_size()
+    shape = f'T{T} hq{hq} hkv{hkv} p{page}'
+
+    def separate():
+        rotary_embedding_triton(q, k, pos, D, 1e4)
+        store_kv_triton(k, v, kc, vc, slots)
+
+    def fused(cfg=None):
+        rotary_store_kv_triton(q, k, v, pos, D, 1e4, kc, vc, slots, cfg=cfg)
+
+    for impl, f in (('fused', fused), ('separate', separate)):
+        record('rotary+store_kv', shape, impl, ms_eager(f), nbytes=nb, graph_ms=ms_graph(f))
+    if sweep:
+        for bh, warps in ((32, 4), (32, 8), (16, 2), (16, 4), (8, 1), (8, 2), (4, 1)):
+            c = dict(BLOCK_HQ=bh, BLOCK_HKV=bh, num_warps=warps)
+            ms = ms_graph(lambda c=c: fused(c), rep=50)
+            print(f'  cfg {c}: {ms * 1e3:.1f} us  {nb / ms / 1e9:.2f} TB/s', flush=True)
+
+
 def bench_store_int8(T, quant):
     hkv, D, page = 32, 128, 64
     k = torch.randn(T, hkv, D, device=DEV, dtype=torch.float16)
@@ -314,8 +370,13 @@ def main():
     ap.add_argument('--out', default='bench_kernels.json')
     ap.add_argument('--sweep', action='store_true')
     ap.add_argument('--quick', action='store_true')
-    ap.add_argument('--only', choices=['all', 'int8'], default='all',
-                    help='int8: only the int8 KV rows and the fp16 rows they compare with')
+    ap.add_argument('--only', choices=['all', 'int8', 'rotary_store_kv', 'decode', 'prefill'],
+                    default='all',
+                    help='int8: only the int8 KV rows and the fp16 rows they compare with; '
+                         'rotary_store_kv: only the fused vs separate rotary + KV store rows; '
+                         'decode: the decode attention at the engine steps profile_step.py '
+                         'looks at, launched with the graphs\' session_len hint; prefill: a '
+                         '2048-token prompt against torch SDPA\'s flash and cuDNN backends')
     a = ap.parse_args()
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
@@ -327,6 +388,23 @@ def main():
     copy_bandwidth()
     if a.only == 'int8':
         bench_int8(a.sweep)
+        return finish(info, t0, a.out)
+    if a.only == 'prefill':
+        bench_prefill([(0, 2048)], 32, 32, name='1x2048 new, MHA', with_sdpa=True,
+                      sweep=a.sweep)
+        bench_prefill([(0, 2048)], 32, 8, name='1x2048 new, GQA8', with_sdpa=True)
+        return finish(info, t0, a.out)
+    if a.only == 'decode':
+        for B, ctx in ((64, 64), (64, 128), (1, 1100), (1, 2048), (146, 500), (64, 4096)):
+            bench_decode(B, ctx, 32, 32, sweep=a.sweep, hint=max(2048, ctx))
+        if a.sweep:
+            bench_decode(108, 1150, 32, 32, sweep=True, quant='static', hint=2176)
+        return finish(info, t0, a.out)
+    if a.only == 'rotary_store_kv':
+        for T in (1, 64, 512, 4096):
+            bench_rotary_store_kv(T, sweep=a.sweep)
+        bench_rotary_store_kv(1, hkv=8)
+        bench_rotary_store_kv(4096, hkv=8)
         return finish(info, t0, a.out)
     bench_decode(64, 4096, 32, 32, sweep=a.sweep, with_ref=not a.quick, with_sdpa=True)
     bench_decode(64, 4096, 32, 8, sweep=a.sweep, with_sdpa=True)
@@ -344,6 +422,8 @@ def main():
     bench_prefill([(1024, 256)] * 4, 32, 8, name='4x256 chunks on 1024 (GQA8)')
     for T in (64, 4096):
         bench_elementwise(T)
+    for T in (1, 64, 512, 4096):
+        bench_rotary_store_kv(T)
     bench_int8(False)
     finish(info, t0, a.out)
 

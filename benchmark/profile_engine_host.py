@@ -1,7 +1,8 @@
 """Host overhead of the engine loop at a large batch, without a model.
 
     python benchmark/profile_engine_host.py --rows 64,256 --steps 200 [--device cpu|cuda]
-        [--vocab 32000] [--clients threads|none] [--cprofile engine.prof] [--out host.json]
+        [--vocab 32000] [--clients threads|none] [--device_ms 6] [--async_schedule on|off]
+        [--cprofile engine.prof] [--out host.json]
 
 The real Engine, the real C++ scheduler, the real sampler and the real
 `TurboMindInstance.stream_infer` callers, with one thing replaced: the ModelRunner. Its stand-in
@@ -17,11 +18,15 @@ sample_prep, forward, sample, wake, sync, update, dispatch; see `step_timer.py`)
 thread's CPU time per step (wall minus CPU is time the engine waited: the GIL or the device),
 and the callers' side: how many wake-ups per step they got and their CPU time per wake-up.
 `--device_ms` adds a stand-in for the forward's device time, to see what the host work and
-the callers' wake-ups add on top of it.
+the callers' wake-ups add on top of it: with `--async_schedule on` (the engine's default) the
+host plans and launches the next step while the device works, so a step costs about
+max(device, host) instead of device + host; `hidden_us` reports device_ms + host work - step wall.
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import json
 import math
 import os
@@ -44,7 +49,9 @@ class ReadyLogits:
 
     `device_ms` stands in for the forward's device time: on CUDA a spin kernel of that length
     is queued (the host goes on, as after a graph replay, and waits at the token sync); on the
-    CPU the call sleeps with the GIL released."""
+    CPU a simulated device: run() returns at once and the step's tokens are ready `device_ms`
+    after the device is free of the previous steps (the engine's token wait sleeps until then,
+    GIL released; see `simulated_device`)."""
 
     def __init__(self, cfg, num_blocks: int, device: str, device_ms: float = 0.0):
         self.cfg = cfg
@@ -57,6 +64,8 @@ class ReadyLogits:
         self.cycles = 0
         if device_ms and self.device.type == 'cuda':
             self.cycles = int(device_ms * _cycles_per_ms(self.device))
+        self.busy_until = 0.0
+        self.ready_at = collections.deque()  # per launched step, in launch order (CPU only)
 
     @property
     def block_size(self) -> int:
@@ -66,8 +75,33 @@ class ReadyLogits:
         if self.cycles:
             torch.cuda._sleep(self.cycles)
         elif self.device_ms:
-            time.sleep(self.device_ms / 1000)
+            self.busy_until = max(time.perf_counter(), self.busy_until) + self.device_ms / 1000
+            self.ready_at.append(self.busy_until)
         return self.logits[:step.sample_idx.shape[0]]
+
+    def wait_step(self):
+        """The oldest launched step is done (each launched step is waited for once, in order)."""
+        if self.ready_at:
+            delay = self.ready_at.popleft() - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+
+
+@contextlib.contextmanager
+def simulated_device(stand_in: ReadyLogits):
+    """On the CPU: the engine's wait for a step's tokens waits for the simulated device."""
+    from lmdeploy.turbomind.engine import _Launched
+    real = _Launched.wait
+
+    def wait(self):
+        stand_in.wait_step()
+        return real(self)
+
+    _Launched.wait = wait
+    try:
+        yield
+    finally:
+        _Launched.wait = real
 
 
 def _cycles_per_ms(device) -> float:
@@ -96,12 +130,14 @@ def output_len(steps: int) -> int:
     return 2 * (WARMUP_STEPS + steps) + 64  # never runs out: cancelled once measured
 
 
-def build(rows: int, steps: int, vocab: int, device: str, device_ms: float):
+def build(rows: int, steps: int, vocab: int, device: str, device_ms: float,
+          async_schedule: bool = True):
     from lmdeploy.turbomind.dummy import dummy_config
     from lmdeploy.turbomind.engine import Engine
     total = PROMPT_LEN + output_len(steps) + 8
     cfg = dummy_config('llama2-7b', device=device, max_batch_size=rows, vocab_size=vocab,
-                       session_len=max(2048, total + 1), max_prefill_tokens=rows * PROMPT_LEN)
+                       session_len=max(2048, total + 1), max_prefill_tokens=rows * PROMPT_LEN,
+                       async_schedule=async_schedule)
     num_blocks = rows * math.ceil(total / cfg.block_size) + 8
     engine = Engine(ReadyLogits(cfg, num_blocks, device, device_ms))
     # What TurboMindInstance reads from its TurboMind.
@@ -111,12 +147,25 @@ def build(rows: int, steps: int, vocab: int, device: str, device_ms: float):
 
 
 def measure(rows: int, steps: int, vocab: int, device: str, clients: str, device_ms: float = 0.0,
-            cprofile=None):
+            cprofile=None, async_schedule: bool = True):
+    tm, engine = build(rows, steps, vocab, device, device_ms, async_schedule)
+    device_sim = (simulated_device(engine.runner) if device == 'cpu' and device_ms
+                  else contextlib.nullcontext())
+    with device_sim:
+        report = _measure(tm, engine, rows, steps, vocab, clients, cprofile)
+    report.update(rows=rows, clients=clients, device=device, vocab=vocab, device_ms=device_ms,
+                  async_schedule=async_schedule)
+    if device_ms:
+        host = sum(report.get(f'{p}_us', 0.0) for p in PHASES if p not in ('sync', 'forward'))
+        report['hidden_us'] = device_ms * 1000 + host - report['step_us']
+    return report
+
+
+def _measure(tm, engine, rows: int, steps: int, vocab: int, clients: str, cprofile=None):
     from lmdeploy.turbomind.engine import Request
     from lmdeploy.turbomind.sampling import SamplingParams
     from lmdeploy.turbomind.step_timer import StepTimer
     from lmdeploy.turbomind.turbomind import TurboMindInstance
-    tm, engine = build(rows, steps, vocab, device, device_ms)
     n_out = output_len(steps)
     gen = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, vocab, (rows, PROMPT_LEN), generator=gen).tolist()
@@ -183,8 +232,7 @@ def measure(rows: int, steps: int, vocab: int, device: str, clients: str, device
     engine.close()
     if errors:
         raise errors[0]
-    report.update(rows=rows, clients=clients, device=device, vocab=vocab, device_ms=device_ms,
-                  steps_per_s=report['steps'] / elapsed)
+    report.update(steps_per_s=report['steps'] / elapsed, steps_ahead=engine.steps_ahead)
     if threads:
         done_wakeups = max(1, sum(wakeups))
         report['client_wakeups_per_step'] = measured_wakeups / max(1, report['steps'])
@@ -198,8 +246,11 @@ PHASES = ('schedule', 'step_input', 'sample_prep', 'forward', 'sample', 'wake', 
 
 def print_report(r: dict):
     print(f'\nrows {r["rows"]}, clients {r["clients"]}, device {r["device"]}, vocab {r["vocab"]}, '
-          f'device_ms {r["device_ms"]:g}: {r["steps"]} steps, {r["steps_per_s"]:.1f} steps/s')
+          f'device_ms {r["device_ms"]:g}, async_schedule {"on" if r["async_schedule"] else "off"}: '
+          f'{r["steps"]} steps, {r["steps_per_s"]:.1f} steps/s')
     print(f'  step wall {r["step_us"]:9.0f} us   engine thread CPU {r["cpu_us"]:9.0f} us')
+    if 'hidden_us' in r:
+        print(f'  host work hidden behind the device: {r["hidden_us"]:.0f} us per step')
     for phase in PHASES:
         if f'{phase}_us' in r:
             print(f'  {phase:<12} {r[f"{phase}_us"]:9.0f} us')
@@ -230,6 +281,9 @@ def parse_args(argv=None):
     p.add_argument('--cprofile', default=None, metavar='FILE',
                    help='cProfile the engine thread during the timed steps (last row count), '
                         'stats written to FILE')
+    p.add_argument('--async_schedule', default='on', choices=('on', 'off'),
+                   help='plan and launch the next step while the device runs the current one '
+                        '(the engine\'s async_schedule; default: %(default)s)')
     p.add_argument('--out', default=None, help='write the reports as JSON')
     args = p.parse_args(argv)
     try:
@@ -250,7 +304,8 @@ def main(argv=None):
     reports = []
     for i, rows in enumerate(args.rows):
         prof = args.cprofile if i == len(args.rows) - 1 else None
-        r = measure(rows, args.steps, args.vocab, args.device, args.clients, args.device_ms, prof)
+        r = measure(rows, args.steps, args.vocab, args.device, args.clients, args.device_ms, prof,
+                    async_schedule=args.async_schedule == 'on')
         print_report(r)
         reports.append(r)
     if args.cprofile:

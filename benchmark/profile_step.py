@@ -2,6 +2,7 @@
 
     python3 benchmark/profile_step.py --dummy llama2-7b --decode 146:500 --prompts 205,205
     python3 benchmark/profile_step.py --dummy llama2-7b --decode 1:1100          # B1's step
+    python3 benchmark/profile_step.py --cases '146:500/205,205;146:500/;1:1100/'  # one runner
 
 A step of `--decode N:CTX` decode rows (N rows, each over CTX cached tokens) followed by the
 `--prompts` rows (new prompts of those lengths; `LEN@CACHED` for a chunk over a cached prefix)
@@ -72,7 +73,7 @@ def device_ms(fn, iters):
 def step_cost(rows, cfg, tp=1):
     """GEMM FLOPs, weight bytes and KV bytes read of the step (Llama shapes)."""
     T = sum(q for _, q in rows)
-    H, D = cfg.hidden_size, cfg.size_per_head
+    H = cfg.hidden_size
     per_tok = 2 * (H * (cfg.q_dim + 2 * cfg.kv_dim) + cfg.q_dim * H + 3 * H * cfg.inter_size)
     flops = T * per_tok * cfg.num_layer / tp + 2 * len(rows) * H * cfg.vocab_size
     weights = (per_tok // 2 * cfg.num_layer / tp + H * cfg.vocab_size) * 2
@@ -111,6 +112,46 @@ def kernel_table(runner, step, reps=3):
     return total, sorted(((k, v[0], v[1]) for k, v in groups.items()), key=lambda r: -r[1])
 
 
+def profile_case(runner, cfg, decode, prompts, iters):
+    """Time one step shape on `runner`; print its tables; return its results."""
+    rows = parse_rows(decode, prompts)
+    step = build_step(rows, cfg, runner.num_blocks)
+    cost = step_cost(rows, cfg)
+    res = dict(decode=decode, prompts=prompts, rows=len(rows), **cost)
+    with torch.inference_mode():
+        replays = (runner.graphs.replays + runner.graphs.prompt_replays
+                   + runner.graphs.mixed_replays) if runner.graphs else 0
+        res['run_ms'] = device_ms(lambda: runner.run(step), iters)
+        after = (runner.graphs.replays + runner.graphs.prompt_replays
+                 + runner.graphs.mixed_replays) if runner.graphs else 0
+        res['run_path'] = 'graph' if after > replays else 'eager'
+        dev = step.to(runner.device)
+        if dev.num_tokens == dev.batch_size:
+            dev.max_kv_len = cfg.session_len  # the eager decode path's split hint
+        res['eager_ms'] = device_ms(lambda: runner.model.forward(dev, runner.kv_cache),
+                                    iters)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            runner.run(step)
+        torch.cuda.synchronize()
+        res['run_wall_ms'] = (time.perf_counter() - t0) / iters * 1e3
+    total, table = kernel_table(runner, step)
+    res['eager_kernels_ms'] = total / 1e3
+    res['kernels'] = [dict(name=n, us=us, count=c) for n, us, c in table]
+    print(f"step: {len(rows)} rows, {cost['tokens']} tokens; GEMMs {cost['gemm_tflop']:.2f} "
+          f"TFLOP ({cost['gemm_ms_at_peak']:.2f} ms at {H100_TFLOPS:.0f} TFLOP/s), weights "
+          f"{cost['weight_gb']:.1f} GB + KV {cost['kv_gb']:.2f} GB "
+          f"({cost['bytes_ms_at_copy']:.2f} ms at {H100_TBS} TB/s)")
+    print(f"runner.run ({res['run_path']}): {res['run_ms']:.3f} ms device, "
+          f"{res['run_wall_ms']:.3f} ms wall per step back to back; eager forward "
+          f"{res['eager_ms']:.3f} ms; eager kernel sum {res['eager_kernels_ms']:.3f} ms")
+    print('| kernel group | us per step | launches | share |')
+    print('|---|---|---|---|')
+    for n, us, c in table[:14]:
+        print(f'| {n[:60]} | {us:.0f} | {c} | {us / max(total, 1e-9):.0%} |')
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--dummy', default='llama2-7b', help='model shape (random weights)')
@@ -118,6 +159,8 @@ def main(argv=None):
                    'cached tokens each); empty for none')
     p.add_argument('--prompts', default='205,205', help='prompt rows: LEN or LEN@CACHED, '
                    'comma-separated; empty for none')
+    p.add_argument('--cases', default=None, help="several steps on one runner: "
+                   "'DECODE/PROMPTS;DECODE/PROMPTS;...' (overrides --decode/--prompts)")
     p.add_argument('--max_batch_size', type=int, default=256)
     p.add_argument('--max_prefill_tokens', type=int, default=8192)
     p.add_argument('--session_len', type=int, default=2048)
@@ -138,44 +181,14 @@ def main(argv=None):
     runner = ModelRunner(cfg, weights_init=dummy_weights)
     print(f'runner built in {time.perf_counter() - t0:.1f}s: {runner.num_blocks} blocks',
           flush=True)
-    rows = parse_rows(args.decode, args.prompts)
-    step = build_step(rows, cfg, runner.num_blocks)
-    cost = step_cost(rows, cfg)
-    res = dict(args=vars(args), gpu=torch.cuda.get_device_name(), rows=len(rows), **cost)
-    with torch.inference_mode():
-        replays = (runner.graphs.replays + runner.graphs.prompt_replays
-                   + runner.graphs.mixed_replays) if runner.graphs else 0
-        res['run_ms'] = device_ms(lambda: runner.run(step), args.iters)
-        after = (runner.graphs.replays + runner.graphs.prompt_replays
-                 + runner.graphs.mixed_replays) if runner.graphs else 0
-        res['run_path'] = 'graph' if after > replays else 'eager'
-        dev = step.to(runner.device)
-        if dev.num_tokens == dev.batch_size:
-            dev.max_kv_len = cfg.session_len  # the eager decode path's split hint
-        res['eager_ms'] = device_ms(lambda: runner.model.forward(dev, runner.kv_cache),
-                                    args.iters)
-        t0 = time.perf_counter()
-        for _ in range(args.iters):
-            runner.run(step)
-        torch.cuda.synchronize()
-        res['run_wall_ms'] = (time.perf_counter() - t0) / args.iters * 1e3
-    total, table = kernel_table(runner, step)
-    res['eager_kernels_ms'] = total / 1e3
-    res['kernels'] = [dict(name=n, us=us, count=c) for n, us, c in table]
-    print(f"step: {len(rows)} rows, {cost['tokens']} tokens; GEMMs {cost['gemm_tflop']:.2f} "
-          f"TFLOP ({cost['gemm_ms_at_peak']:.2f} ms at {H100_TFLOPS:.0f} TFLOP/s), weights "
-          f"{cost['weight_gb']:.1f} GB + KV {cost['kv_gb']:.2f} GB "
-          f"({cost['bytes_ms_at_copy']:.2f} ms at {H100_TBS} TB/s)")
-    print(f"runner.run ({res['run_path']}): {res['run_ms']:.3f} ms device, "
-          f"{res['run_wall_ms']:.3f} ms wall per step back to back; eager forward "
-          f"{res['eager_ms']:.3f} ms; eager kernel sum {res['eager_kernels_ms']:.3f} ms")
-    print('| kernel group | us per step | launches | share |')
-    print('|---|---|---|---|')
-    for n, us, c in table[:14]:
-        print(f'| {n[:60]} | {us:.0f} | {c} | {us / max(total, 1e-9):.0%} |')
+    cases = [c.split('/') for c in args.cases.split(';')] if args.cases else [
+        (args.decode, args.prompts)]
+    results = [profile_case(runner, cfg, decode, prompts, args.iters)
+               for decode, prompts in cases]
     if args.out:
         with open(args.out, 'w') as f:
-            json.dump(res, f, indent=1)
+            json.dump(dict(args=vars(args), gpu=torch.cuda.get_device_name(),
+                           num_blocks=runner.num_blocks, cases=results), f, indent=1)
 
 
 if __name__ == '__main__':

@@ -7,6 +7,12 @@ harness checks the plan contract (rows, positions, block table, slot mapping, de
 first, token budget), that each position's K/V is written exactly once since it was last
 invalidated and with the session's token at that position, the events, every session's
 history, and the scheduler's invariants.
+
+A simulated KV pool runs every plan in schedule order (the device's stream order): each row
+writes (session, position, token) into its slots and then reads its whole KV through its block
+table, which must hold its tokens. `Harness(pipelined=True)` drives the pipelined protocol
+(schedule(ahead=True) with one plan outstanding, placeholders resolved from that plan's sampled
+tokens, update() commits the oldest) under the same checks.
 """
 import random
 
@@ -56,7 +62,7 @@ class Harness:
     """Drives a Scheduler and checks it against a model after every call."""
 
     def __init__(self, num_blocks=64, block_size=4, max_batch_size=8, max_prefill_tokens=16, session_len=96,
-                 chunked_prefill=True, check_every_step=True):
+                 chunked_prefill=True, check_every_step=True, pipelined=False):
         self.s = Scheduler(num_blocks, block_size, max_batch_size, max_prefill_tokens, session_len, VOCAB,
                            start_id=START_ID, end_id=END_ID, chunked_prefill=chunked_prefill)
         self.block_size, self.num_blocks = block_size, num_blocks
@@ -71,6 +77,9 @@ class Harness:
         self.done = {}  # handle -> Req, finished
         self.check = check_every_step
         self.steps = 0
+        self.pipelined = pipelined
+        self.launched = []  # outstanding plans, oldest first: dict(rows, handles, tokens)
+        self.pool = {}  # simulated KV pool: slot -> (sid, position, token)
 
     # ---- requests -------------------------------------------------------------------------
     def expected_code(self, sid, ids, out_len, start, step):
@@ -147,24 +156,49 @@ class Harness:
         else:
             r.cancel_end = r.cancel_end or end
             r.cancel_admitted = admitted
-            in_flight = self.s.plan_outstanding and r.handle in self.s.plan.row_handles.tolist()
-            if not in_flight:  # finished at once; the event comes with the next update()
-                self.finish(r, 'cancel')
-                r.event_pending = True
+            # finished at once (its rows in outstanding plans dropped); the event comes with the
+            # next update()
+            self.finish(r, 'cancel')
+            r.event_pending = True
         return code
 
     # ---- the step -------------------------------------------------------------------------
     def step(self, rng=None):
-        plan = self.s.schedule()
+        """One engine step. Pipelined: plan while the previous plan is outstanding, then commit
+        that one (now and then a synchronous step, as the engine falls back to)."""
+        ahead = self.pipelined and (rng is None or rng.random() > 0.1)
+        if self.launched and not ahead:
+            self.commit()
+        plan = self.s.schedule(ahead=bool(self.launched))
         self.steps += 1
-        tokens = self.check_plan(plan)
+        rec = self.check_plan(plan)
+        if plan.batch_size:
+            self.launched.append(rec)
+        assert self.s.num_outstanding == len(self.launched)
         if rng is not None and rng.random() < 0.05 and self.active:  # cancel mid-step
             self.cancel(rng.choice(sorted(self.active)), end=rng.random() < 0.3, via_submit=rng.random() < 0.5)
-        events = self.s.update(np.asarray(tokens, dtype=np.int32))
-        self.apply_events(events)
+        if len(self.launched) == 2 or (self.launched and not (self.pipelined and plan.batch_size)):
+            self.commit()
+        elif not self.launched:
+            self.apply_events(self.s.update())
         if self.check:
             self.check_state()
         return plan
+
+    def commit(self):
+        """update() with the oldest outstanding plan's tokens."""
+        rec = self.launched.pop(0)
+        self.apply_events(self.s.update(np.asarray(rec['tokens'], dtype=np.int32)))
+
+    def flush(self):
+        while self.launched:
+            self.commit()
+            if self.check:
+                self.check_state()
+
+    def pending_tokens(self, handle):
+        """The request's sampled tokens of the outstanding plans (not yet committed)."""
+        return [t for rec in self.launched for h, t in zip(rec['handles'], rec['tokens']) if h == handle]
 
     def check_plan(self, plan):
         B, T, bs = plan.batch_size, plan.num_tokens, self.block_size
@@ -187,28 +221,42 @@ class Harness:
         sample_idx, sample_h = plan.sample_idx.tolist(), plan.sample_handles.tolist()
         logits_idx, logits_h = plan.logits_idx.tolist(), plan.logits_handles.tolist()
         expect_samples = []
+        prev = self.launched[-1] if self.launched else None
         for b in range(B):
             r = self.reqs[rows[b]]
             info = self.s.session_info(r.sid)
             assert info is not None and info['status'] == 'active'
-            toks = info['tokens']
-            assert toks == r.tokens
+            assert info['tokens'] == r.tokens  # committed tokens only
+            pending = self.pending_tokens(r.handle)
+            toks = r.tokens + pending
+            assert len(toks) < r.limit or not pending, 'a row for a pending token that reaches the length limit'
             start = kv[b] - q[b]
-            # K/V exactly once since its last invalidation: the row starts where the cache ends
-            sh = self.shadow.setdefault(r.sid, [])
-            assert info['num_cached'] <= len(sh), 'cached length claims K/V that was never written'
-            del sh[info['num_cached']:]
-            assert sh == toks[:len(sh)], 'cached K/V no longer matches the tokens'
-            assert start == len(sh), (start, len(sh))
-            assert ids[cu[b]:cu[b + 1]] == toks[start:kv[b]]
+            row_ids = ids[cu[b]:cu[b + 1]]
+            for i, t in enumerate(row_ids):
+                if t < 0:  # a placeholder: the previous plan's sample of this very request
+                    assert prev is not None and start + i == len(r.tokens) and pending
+                    assert prev['handles'][-t - 1] == r.handle
+            resolved = [t if t >= 0 else prev['tokens'][-t - 1] for t in row_ids]
+            if not self.pipelined:
+                # K/V exactly once since its last invalidation: the row starts where the cache ends
+                sh = self.shadow.setdefault(r.sid, [])
+                assert info['num_cached'] <= len(sh), 'cached length claims K/V that was never written'
+                del sh[info['num_cached']:]
+                assert sh == toks[:len(sh)], 'cached K/V no longer matches the tokens'
+                assert start == len(sh), (start, len(sh))
+                sh.extend(toks[start:kv[b]])
+            assert resolved == toks[start:kv[b]]
             assert pos[cu[b]:cu[b + 1]] == list(range(start, kv[b]))
-            sh.extend(toks[start:kv[b]])
             nb = -(-kv[b] // bs)
             assert info['blocks'][:nb] == table[b, :nb].tolist() and len(info['blocks']) == nb
             assert (table[b, nb:] == -1).all()
             for i in range(q[b]):
                 p = start + i
                 assert slots[cu[b] + i] == table[b, p // bs] * bs + p % bs
+                self.pool[slots[cu[b] + i]] = (r.sid, p, toks[p])
+            for p in range(kv[b]):  # attention reads the whole KV, in stream order
+                got = self.pool.get(int(table[b, p // bs]) * bs + p % bs)
+                assert got == (r.sid, p, toks[p]), f'session {r.sid} position {p}: K/V of {got}'
             if kv[b] == len(toks) and r.out_len > 0:
                 expect_samples.append((cu[b + 1] - 1, r.handle))
             if r.logits_all:
@@ -220,7 +268,7 @@ class Harness:
         tokens = []
         for i, h in zip(sample_idx, sample_h):
             tokens.append(fake_token(self.reqs[h].sid, pos[i] + 1))
-        return tokens
+        return dict(rows=set(rows), handles=sample_h, tokens=tokens)
 
     def apply_events(self, events):
         lst = events.to_list()
@@ -291,22 +339,32 @@ class Harness:
         for sid in s.session_ids():
             info = s.session_info(sid)
             r = self.active.get(sid)
-            if r is not None and s.request_state(r.handle) != 'waiting':
+            state = None if r is None else s.request_state(r.handle)
+            if state == 'finished':  # pipelined: finished since the last update(), event pending
+                assert info['tokens'] == r.tokens and info['status'] == 'idle'
+            elif state is not None and state != 'waiting':
                 assert info['tokens'] == r.tokens
                 assert info['status'] == 'active'
             else:
                 assert info['tokens'] == self.sessions[sid]
                 assert info['status'] == 'idle'
             assert info['num_cached'] <= len(info['tokens'])
-            assert len(info['blocks']) == -(-info['num_cached'] // self.block_size)
-            sh = self.shadow.get(sid, [])
-            assert info['num_cached'] <= len(sh) and sh[:info['num_cached']] == info['tokens'][:info['num_cached']]
+            if not self.launched:
+                assert len(info['blocks']) == -(-info['num_cached'] // self.block_size)
+            if not self.pipelined:
+                sh = self.shadow.get(sid, [])
+                assert info['num_cached'] <= len(sh) and sh[:info['num_cached']] == info['tokens'][:info['num_cached']]
+            for p in range(info['num_cached']):  # the pool still holds the cached K/V
+                slot = info['blocks'][p // self.block_size] * self.block_size + p % self.block_size
+                assert self.pool.get(slot) == (sid, p, info['tokens'][p]), (sid, p)
         assert s.num_running() <= self.max_batch_size
-        assert s.num_running() + s.num_waiting() == len(self.active)
+        finished = sum(s.request_state(r.handle) == 'finished' for r in self.active.values())
+        assert s.num_running() + s.num_waiting() + finished == len(self.active)
 
     def run_until_idle(self, max_steps=10000, rng=None):
         for _ in range(max_steps):
             if not self.active:
+                self.flush()
                 return
             self.step(rng)
         raise AssertionError('requests did not complete')
@@ -582,13 +640,186 @@ def test_preemption_gives_same_tokens_as_big_pool():
 
 
 # ---------------------------------------------------------------------------------------------
+# Pipelined protocol (schedule(ahead=True) while one plan is outstanding)
+
+
+def sid_where(pred):
+    return next(s for s in range(5000) if pred(s))
+
+
+def test_pipelined_rows_feed_placeholders_and_commit_oldest_first():
+    h = Harness(pipelined=True)
+    sid = sid_where(lambda s: all(fake_token(s, p) != END_ID for p in range(3, 12)))
+    hd, _ = h.submit(sid, [5, 6, 7], out_len=4)
+    a = h.step()  # the prompt; stays outstanding
+    assert a.num_samples == 1 and h.s.num_outstanding == 1 and not h.reqs[hd].generated
+    b = h.step()  # its pending token is the placeholder for entry 0 of a's samples
+    assert b.input_ids.tolist() == [-1] and b.positions.tolist() == [3] and b.kv_lens.tolist() == [4]
+    assert h.reqs[hd].generated == [fake_token(sid, 3)]  # a was committed after b was planned
+    info = h.s.session_info(sid)
+    assert info['num_cached'] == 3 and len(info['blocks']) == 1  # b writes position 3 (block 0)
+    h.run_until_idle()
+    assert h.done[hd].generated == [fake_token(sid, p) for p in range(3, 7)]
+    with pytest.raises(RuntimeError, match='two plans'):
+        h.submit(sid, [8], out_len=4, start=False, step=len(h.sessions[sid]))
+        h.s.schedule()
+        h.s.schedule(ahead=True)
+        h.s.schedule(ahead=True)
+
+
+def test_pipelined_stop_drops_the_newer_row_and_keeps_the_session_right():
+    sid = sid_where(lambda s: fake_token(s, 4) == END_ID and fake_token(s, 3) != END_ID)
+    h = Harness(pipelined=True, num_blocks=16)
+    hd, _ = h.submit(sid, [5, 6, 7], out_len=10)
+    h.step()
+    h.step()
+    c = h.step()  # planned with the EOS still pending; committing b finishes the request
+    assert c.input_ids.tolist() == [-1] and c.positions.tolist() == [4]
+    assert h.done[hd].finished == 'stop' and h.done[hd].generated == [fake_token(sid, 3), END_ID]
+    assert h.s.num_outstanding == 1  # c is still on the device, its row detached
+    info = h.s.session_info(sid)
+    tokens = [5, 6, 7, fake_token(sid, 3), END_ID]
+    # as after a synchronous run: the last token has no K/V; the block c took for position 4 is free
+    assert info['tokens'] == tokens and info['num_cached'] == 4 and info['status'] == 'idle'
+    assert len(info['blocks']) == 1 and h.s.num_free_blocks() == 15
+    h.flush()  # c's token for the finished request is dropped: no event, nothing appended
+    assert h.s.session_info(sid) == info
+    # the next turn re-feeds the last token, and generates what a synchronous run does
+    h2, _ = h.submit(sid, [8], out_len=3, start=False, step=len(tokens))
+    assert h.step().positions.tolist() == [4, 5]
+    h.run_until_idle()
+    sync = Harness()
+    sync.submit(sid, [5, 6, 7], out_len=10)
+    sync.run_until_idle()
+    sync.submit(sid, [8], out_len=3, start=False, step=len(tokens))
+    sync.run_until_idle()
+    assert h.sessions[sid] == sync.sessions[sid]
+    assert h.s.session_info(sid)['num_cached'] == sync.s.session_info(sid)['num_cached']
+
+
+def test_pipelined_no_row_for_a_pending_token_at_the_length_limit():
+    sid = sid_where(lambda s: all(fake_token(s, p) != END_ID for p in range(3, 12)))
+    h = Harness(pipelined=True)
+    hd, _ = h.submit(sid, [5, 6, 7], out_len=3)
+    sizes = [h.step().batch_size for _ in range(4)]
+    assert sizes == [1, 1, 1, 0]  # the third token is pending when the fourth step is planned
+    assert h.done[hd].finished == 'length' and len(h.done[hd].generated) == 3
+    assert h.s.num_outstanding == 0
+    # session_len clamps the same way
+    h = Harness(pipelined=True, session_len=8)
+    hd, _ = h.submit(sid, [5, 6, 7], out_len=100)
+    h.run_until_idle()
+    assert h.done[hd].finished == 'length' and len(h.done[hd].tokens) == 7
+
+
+@pytest.mark.parametrize('end', [False, True])
+def test_pipelined_cancel_with_rows_in_both_plans(end):
+    sid = sid_where(lambda s: all(fake_token(s, p) != END_ID for p in range(3, 12)))
+    h = Harness(pipelined=True, num_blocks=16)
+    hd, _ = h.submit(sid, [5, 6, 7], out_len=10)
+    other, _ = h.submit(sid + 1, [5, 6], out_len=10)
+    h.s.schedule()  # a: both prompts
+    late, _ = h.submit(sid + 2, [9, 9, 9], out_len=5)
+    b = h.s.schedule(ahead=True)  # b: two placeholder rows and the late prompt
+    assert b.input_ids.tolist()[:2] == [-1, -2] and b.num_samples == 3
+    free = h.s.num_free_blocks()
+    assert h.s.cancel(sid, end) == OK and h.s.cancel(sid + 2, False) == OK
+    # finished at once, as if cancelled before both steps: nothing of a or b is committed for it
+    assert h.s.request_state(hd) == h.s.request_state(late) == 'finished' and h.s.num_running() == 1
+    h.s.check_invariants()
+    info = h.s.session_info(sid)
+    if end:
+        assert info is None
+    else:
+        assert info['tokens'] == [5, 6, 7] and info['num_cached'] == 0 and not info['blocks']
+    assert h.s.num_free_blocks() > free
+    ev = {e[0]: e for e in h.s.update(np.array([fake_token(sid, 3), fake_token(sid + 1, 2)], np.int32)).to_list()}
+    assert ev[hd][1:4] == ([], True, 'cancel') and ev[late][1:4] == ([], True, 'cancel')
+    assert ev[other][1] == [fake_token(sid + 1, 2)]
+    h.s.check_invariants()
+    ev = {e[0]: e for e in h.s.update(np.array([0, fake_token(sid + 1, 3), 0], np.int32)).to_list()}
+    assert list(ev) == [other] and ev[other][1] == [fake_token(sid + 1, 3)]
+    h.s.check_invariants()
+    assert h.s.num_running() == 1
+    info = h.s.session_info(sid + 2)  # admitted in b: kept, without K/V
+    assert info['tokens'] == [9, 9, 9] and info['num_cached'] == 0 and info['status'] == 'idle'
+
+
+def test_pipelined_discard_newest_then_oldest():
+    sid = sid_where(lambda s: all(fake_token(s, p) != END_ID for p in range(3, 20)))
+    h = Harness(num_blocks=16)
+    hd, _ = h.submit(sid, [5, 6, 7, 8], out_len=6)
+    free = h.s.num_free_blocks()
+    h.s.schedule()
+    h.s.schedule(ahead=True)  # position 4 needs a second block
+    assert h.s.num_free_blocks() == free - 2
+    h.s.discard_plan()  # the newest: the prompt's plan stays outstanding
+    assert h.s.num_outstanding == 1 and h.s.num_free_blocks() == free - 1
+    h.s.check_invariants()
+    h.s.schedule(ahead=True)
+    h.s.discard_plan()
+    h.s.discard_plan()
+    assert h.s.num_outstanding == 0 and h.s.num_free_blocks() == free
+    assert h.s.session_info(sid)['num_cached'] == 0
+    h.s.check_invariants()
+    h.run_until_idle()
+    assert h.done[hd].generated == [fake_token(sid, p) for p in range(4, 10)]
+
+
+def test_pipelined_never_preempts_a_request_with_an_outstanding_row():
+    # two requests that each need a new block at every block boundary, a pool for barely both
+    h = Harness(pipelined=True, num_blocks=5, block_size=4, max_prefill_tokens=16, session_len=40)
+    sids = [sid_where(lambda s, k=k: s > 100 * k and all(fake_token(s, p) != END_ID for p in range(2, 40)))
+            for k in range(1, 3)]
+    hs = [h.submit(sid, [5, 6], out_len=12, ignore_eos=True)[0] for sid in sids]
+    h.run_until_idle()  # the harness checks every plan against the simulated pool
+    assert all(h.done[x].finished == 'length' for x in hs)
+    assert h.s.num_preemptions() > 0
+
+
+@pytest.mark.parametrize('pipelined', [False, True])
+def test_preemption_pressure_same_tokens_pipelined(pipelined):
+    def run(num_blocks, pipelined):
+        h = Harness(num_blocks=num_blocks, block_size=4, max_batch_size=8, max_prefill_tokens=12, session_len=64,
+                    pipelined=pipelined)
+        hs = [h.submit(sid, [3 + sid] * (4 + 3 * sid % 20), out_len=30, ignore_eos=sid % 3 == 0)[0]
+              for sid in range(16)]
+        h.run_until_idle()
+        return [h.done[x].generated for x in hs], h.s.num_preemptions()
+
+    big, _ = run(400, False)
+    small, preempted = run(16, pipelined)
+    assert preempted > 0 and small == big
+
+
+def test_pipelined_multi_turn_sessions_equal_synchronous():
+    def run(pipelined):
+        h = Harness(pipelined=pipelined, num_blocks=24, block_size=4, session_len=64)
+        outs, cached = [], []
+        for turn in range(4):
+            hs = []
+            for sid in (11, 12, 13):
+                hist = h.sessions.get(sid)
+                ids = [3 + (sid + turn) % 40] * (3 + turn)
+                hs.append(h.submit(sid, ids, out_len=5 + turn, start=hist is None,
+                                   step=len(hist) if hist else -1)[0])
+            h.run_until_idle()
+            outs.append([(h.done[x].finished, h.done[x].generated) for x in hs])
+            cached.append([h.s.session_info(sid)['num_cached'] for sid in (11, 12, 13)])
+        return outs, cached, {sid: h.sessions[sid] for sid in (11, 12, 13)}
+
+    assert run(True) == run(False)
+
+
+# ---------------------------------------------------------------------------------------------
 # Randomized streams
 
 
-def random_stream(seed, num_ops, num_blocks, max_batch_size, budget, chunked=True, session_len=64):
+def random_stream(seed, num_ops, num_blocks, max_batch_size, budget, chunked=True, session_len=64,
+                  pipelined=False):
     rng = random.Random(seed)
     h = Harness(num_blocks=num_blocks, block_size=4, max_batch_size=max_batch_size, max_prefill_tokens=budget,
-                session_len=session_len, chunked_prefill=chunked)
+                session_len=session_len, chunked_prefill=chunked, pipelined=pipelined)
     ids_pool = list(range(12))
     for _ in range(num_ops):
         op = rng.random()
@@ -635,3 +866,21 @@ def test_random_stream_tiny_pool_forces_eviction_and_preemption(seed):
 @pytest.mark.parametrize('seed', range(2))
 def test_random_stream_whole_prefill(seed):
     random_stream(200 + seed, 1500, num_blocks=40, max_batch_size=4, budget=8, chunked=False)
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_random_stream_pipelined_roomy_pool(seed):
+    h = random_stream(300 + seed, 2500, num_blocks=256, max_batch_size=6, budget=16, pipelined=True)
+    assert h.steps > 500
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_random_stream_pipelined_tiny_pool(seed):
+    h = random_stream(400 + seed, 2500, num_blocks=16, max_batch_size=6, budget=10, pipelined=True)
+    assert h.s.num_evictions() > 0
+    assert h.s.num_preemptions() > 0
+
+
+@pytest.mark.parametrize('seed', range(2))
+def test_random_stream_pipelined_whole_prefill(seed):
+    random_stream(500 + seed, 1500, num_blocks=40, max_batch_size=4, budget=8, chunked=False, pipelined=True)

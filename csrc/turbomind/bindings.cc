@@ -7,8 +7,8 @@
 //
 // SequenceManager: sessions over a Python-owned BlockManager (tests and tools).
 // Scheduler: submit / cancel / schedule -> Plan / update(tokens) -> Events. Plan arrays are
-// zero-copy numpy views of the scheduler's fixed buffers (valid until the next schedule());
-// Events arrays are views of buffers the Events object owns.
+// zero-copy numpy views of the scheduler's two fixed plan buffers, used in turn (valid until the
+// second schedule() after); Events arrays are views of buffers the Events object owns.
 #include <algorithm>
 #include <cctype>
 #include <cstdint>
@@ -260,8 +260,9 @@ void bind_sequence_manager(py::module_& m)
 
 const char* const kPlanDoc =
     "One step's plan, as flat int32/int64 numpy arrays that ALIAS the scheduler's buffers:\n"
-    "valid until the next schedule() (copy what you keep).\n"
-    "  input_ids [T], positions [T], slot_mapping [T] (block*block_size + offset; int32)\n"
+    "valid until the second schedule() after this one (copy what you keep).\n"
+    "  input_ids [T], positions [T], slot_mapping [T] (block*block_size + offset; int32);\n"
+    "    input_ids -(j+1): entry j of the previous plan's sampled tokens (schedule(ahead=True))\n"
     "  cu_seqlens [B+1], kv_lens [B] (KV length after this step), row_handles [B] (int64)\n"
     "  block_table [B, width] (-1 padded; width = ceil(session_len / block_size))\n"
     "  sample_idx [S] (indices into T), sample_handles [S] (int64): rows that sample\n"
@@ -392,6 +393,9 @@ void bind_scheduler(py::module_& m)
                           "    plan = sched.schedule()                 # Plan (arrays alias scheduler buffers)\n"
                           "    tokens = sample(forward(plan))          # int32 [plan.num_samples]\n"
                           "    events = sched.update(tokens)           # Events\n\n"
+                          "Pipelined: schedule(ahead=True) plans the next step while one plan is outstanding\n"
+                          "(its pending tokens are placeholders -(j+1) in input_ids); update() commits the\n"
+                          "oldest outstanding plan. See scheduler.h.\n\n"
                           "Requests are validated by submit(); a rejected one gets an error event in the next\n"
                           "update(). Not thread-safe: drive it from the engine thread only.")
         .def(py::init([](int num_blocks,
@@ -483,8 +487,11 @@ void bind_scheduler(py::module_& m)
              "one is removed. Returns 0, or ERR_INACTIVE when nothing runs for the id and end is False.")
         .def("schedule",
              &Scheduler::schedule,
+             "ahead"_a = false,
              py::return_value_policy::reference_internal,
-             "Admit, allocate, and return this step's Plan (arrays valid until the next schedule()).")
+             "Admit, allocate, and return this step's Plan (arrays valid until the second schedule()\n"
+             "after). ahead=True: one plan may be outstanding; rows of requests with a token pending\n"
+             "in it feed the placeholder -(j+1) (j: the request's index in its sample list).")
         .def(
             "update",
             [](Scheduler& self, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens) {
@@ -494,10 +501,13 @@ void bind_scheduler(py::module_& m)
                 return self.update(tokens.data(), static_cast<size_t>(tokens.shape(0)));
             },
             "tokens"_a = py::array_t<int32_t>(0),
-            "Commit the outstanding plan with one sampled token per plan.sample_idx entry and return\n"
-            "the Events since the previous update() (call it with no tokens when no plan is out).")
-        .def("discard_plan", &Scheduler::discard_plan, "Drop the outstanding plan; nothing of it is committed.")
+            "Commit the oldest outstanding plan with one sampled token per plan.sample_idx entry and\n"
+            "return the Events since the previous update() (no tokens when no plan is out).")
+        .def("discard_plan",
+             &Scheduler::discard_plan,
+             "Drop the newest outstanding plan; nothing of it is committed.")
         .def_property_readonly("plan_outstanding", &Scheduler::plan_outstanding)
+        .def_property_readonly("num_outstanding", &Scheduler::num_outstanding, "Plans not yet committed (0..2).")
         .def_property_readonly("plan",
                                &Scheduler::plan,
                                py::return_value_policy::reference_internal,

@@ -107,11 +107,11 @@ struct Request {
     int64_t  generated   = 0;
     uint64_t admit_seq   = 0;  // admission order; kept across preemption (its priority)
     int64_t  logits_from = 0;  // first prompt position whose logits are not yet returned
-    bool     cancel_pending = false;  // cancelled while in the outstanding plan
-    bool     cancel_end     = false;
-    uint64_t plan_step      = 0;  // the step whose plan holds it (0 = none)
-    int32_t  chunk          = 0;  // tokens it feeds in that plan
-    bool     samples        = false;  // whether it samples in that plan
+    uint64_t plan_step      = 0;  // the newest plan it has a row in (0 = none)
+    int8_t   rows_out       = 0;  // outstanding plans it has a row in (0..2)
+    int8_t   pending        = 0;  // outstanding plans it samples in: tokens not yet committed
+    int32_t  row_in[2]      = {-1, -1};  // its row index in each plan buffer (by buffer)
+    int32_t  sample_in[2]   = {-1, -1};  // its sample index in each plan buffer (by buffer)
 };
 
 }  // namespace turbomind

@@ -1,6 +1,7 @@
 #include "scheduler.h"
 
 #include <algorithm>
+#include <array>
 #include <stdexcept>
 
 namespace turbomind {
@@ -30,26 +31,32 @@ Scheduler::Scheduler(const SchedulerConfig& cfg): cfg_(cfg), blocks_(cfg.num_blo
 
     const int B = cfg.max_batch_size;
     const int T = B + std::max(cfg.max_prefill_tokens, cfg.session_len);
-    plan_.width      = static_cast<int>(blocks_.blocks_for_tokens(cfg.session_len));
-    plan_.block_size = cfg.block_size;
-    plan_.input_ids.assign(T, 0);
-    plan_.positions.assign(T, 0);
-    plan_.slot_mapping.assign(T, 0);
-    plan_.cu_seqlens.assign(B + 1, 0);
-    plan_.kv_lens.assign(B, 0);
-    plan_.block_table.assign(static_cast<size_t>(B) * plan_.width, -1);
-    plan_.row_handles.assign(B, 0);
-    plan_.sample_idx.assign(B, 0);
-    plan_.sample_handles.assign(B, 0);
-    plan_.logits_idx.assign(T, 0);
-    plan_.logits_handles.assign(T, 0);
-    owner_uid_.assign(B, 0);
-    owner_version_.assign(B, 0);
-    owner_len_.assign(B, plan_.width);  // the whole row is "dirty" until first written
+    for (PlanBuffer& pb : bufs_) {
+        Plan& plan      = pb.plan;
+        plan.width      = static_cast<int>(blocks_.blocks_for_tokens(cfg.session_len));
+        plan.block_size = cfg.block_size;
+        plan.input_ids.assign(T, 0);
+        plan.positions.assign(T, 0);
+        plan.slot_mapping.assign(T, 0);
+        plan.cu_seqlens.assign(B + 1, 0);
+        plan.kv_lens.assign(B, 0);
+        plan.block_table.assign(static_cast<size_t>(B) * plan.width, -1);
+        plan.row_handles.assign(B, 0);
+        plan.sample_idx.assign(B, 0);
+        plan.sample_handles.assign(B, 0);
+        plan.logits_idx.assign(T, 0);
+        plan.logits_handles.assign(T, 0);
+        pb.rows.reserve(B);
+        pb.sample_rows.reserve(B);
+        pb.owner_uid.assign(B, 0);
+        pb.owner_version.assign(B, 0);
+        pb.owner_len.assign(B, plan.width);  // the whole row is "dirty" until first written
+    }
     running_.reserve(B);
     decode_rows_.reserve(B);
     prefill_rows_.reserve(B);
-    sample_reqs_.assign(B, nullptr);
+    prefill_chunks_.reserve(B);
+    prefill_samples_.reserve(B);
 }
 
 Scheduler::~Scheduler() = default;
@@ -245,12 +252,10 @@ int32_t Scheduler::stop_request(uint64_t sid, bool end, std::string& msg)
             }
         }
     }
-    else if (plan_outstanding_ && r->plan_step == plan_.step) {
-        r->cancel_pending = true;  // its KV is being written: finish it in update()
-        r->cancel_end     = r->cancel_end || end;
-        return kOk;
-    }
     else {
+        // Rows in outstanding plans are dropped: the session is left as if it had been cancelled
+        // before those steps (their K/V and tokens are not committed).
+        detach(r);
         r->end = r->end || end;
         finish(r, kCancel, nullptr, 0);
     }
@@ -357,6 +362,48 @@ void Scheduler::finish(Request* r, FinishReason reason, const int32_t* toks, int
     finished_.push_back(r);
 }
 
+// A request the commit of the oldest plan finishes may still have a row in the newer one.
+void Scheduler::finish_committed(Request* r, FinishReason reason, const int32_t* toks, int n)
+{
+    detach(r);
+    finish(r, reason, toks, n);
+}
+
+// Drops the request's rows from every outstanding plan.
+void Scheduler::detach(Request* r)
+{
+    for (int k = 0; k < num_out_ && r->rows_out > 0; ++k) {
+        const int   buf = out_[k];
+        PlanBuffer& pb  = bufs_[buf];
+        const int   b   = r->row_in[buf];
+        if (b < 0) {
+            continue;
+        }
+        if (b >= static_cast<int>(pb.rows.size()) || pb.rows[b].r != r) {
+            throw std::logic_error("Scheduler: request " + std::to_string(r->handle) + " lost track of its row");
+        }
+        drop_row(pb.rows[b], buf);
+    }
+    if (r->rows_out != 0) {
+        throw std::logic_error("Scheduler: request " + std::to_string(r->handle) + " has rows in no outstanding plan");
+    }
+}
+
+// The row's tokens will not be committed: the session forgets them (the device may still write
+// their K/V; only a later plan can reuse the blocks freed here).
+void Scheduler::drop_row(Row& row, int buf)
+{
+    Request* r = row.r;
+    seqs_.retract(r->seq, row.chunk);
+    --r->rows_out;
+    if (row.samples) {
+        --r->pending;
+        r->sample_in[buf] = -1;
+    }
+    r->row_in[buf] = -1;
+    row.r          = nullptr;
+}
+
 void Scheduler::reap()
 {
     if (finished_.empty()) {
@@ -375,13 +422,48 @@ void Scheduler::reap()
 // ---------------------------------------------------------------------------------------------
 // The step
 
-const Plan& Scheduler::schedule()
+// The newest running request at index >= `from` that has no row in the plan being built nor in
+// an outstanding one (its blocks may go); running_.size() when there is none.
+size_t Scheduler::victim_from(size_t from, uint64_t step) const
 {
-    if (plan_outstanding_) {
-        throw std::logic_error("Scheduler.schedule: the previous plan was neither committed with update() "
-                               "nor dropped with discard_plan()");
+    for (size_t j = running_.size(); j > from; --j) {
+        const Request* v = running_[j - 1];
+        if (v->plan_step != step && v->rows_out == 0) {
+            return j - 1;
+        }
     }
-    const uint64_t step = ++plan_.step;
+    return running_.size();
+}
+
+// Exactly one token (committed, or pending in the outstanding plan) lacks K/V and it samples.
+bool Scheduler::wants_decode_row(const Request* r) const
+{
+    if (r->output_len == 0) {
+        return false;
+    }
+    const Session* s     = r->seq;
+    const int64_t  start = s->num_cached + s->inflight;
+    const int64_t  size  = static_cast<int64_t>(s->tokens.size()) + r->pending;
+    if (size - start != 1 || (r->logits_all && start < r->context_len)) {
+        return false;
+    }
+    return r->pending == 0 || size < r->limit;  // a pending token at the limit finishes it
+}
+
+const Plan& Scheduler::schedule(bool ahead)
+{
+    if (num_out_ > (ahead ? 1 : 0)) {
+        throw std::logic_error(ahead ? "Scheduler.schedule: two plans are outstanding; commit the oldest with "
+                                       "update() first"
+                                     : "Scheduler.schedule: the previous plan was neither committed with update() "
+                                       "nor dropped with discard_plan() (ahead=True plans the next step while it runs)");
+    }
+    const int buf = num_out_ ? 1 - out_[0] : 1 - cur_;
+    cur_          = buf;
+    PlanBuffer& pb = bufs_[buf];
+    Plan&       plan = pb.plan;
+    const uint64_t step = ++step_counter_;
+    plan.step           = step;
 
     // 1. Admission, FIFO, up to max_batch_size running.
     while (running_.size() < static_cast<size_t>(cfg_.max_batch_size) && !waiting_.empty()) {
@@ -395,46 +477,56 @@ const Plan& Scheduler::schedule()
     }
     reap();
 
-    // 2. Decode rows, oldest first. A victim (the newest running request) is never in the plan
-    // yet: the rows planned so far are all older than the current one.
+    // 2. Decode rows, oldest first. A victim is newer than the current request (or is it) and
+    // in no plan: the rows planned so far are all older.
     decode_rows_.clear();
     prefill_rows_.clear();
-    for (size_t i = 0; i < running_.size(); ++i) {
-        Request*      r       = running_[i];
-        Session*      s       = r->seq;
-        const int64_t pending = static_cast<int64_t>(s->tokens.size()) - s->num_cached;
-        if (pending != 1 || r->output_len == 0 || (r->logits_all && s->num_cached < r->context_len)) {
+    prefill_chunks_.clear();
+    prefill_samples_.clear();
+    for (size_t i = 0; i < running_.size();) {
+        Request* r = running_[i];
+        if (!wants_decode_row(r)) {
+            ++i;
             continue;
         }
-        bool ok = true;
-        while (!seqs_.grow(s, s->num_cached + 1)) {
-            Request* victim = running_.back();
-            preempt(running_.size() - 1);
-            if (victim == r) {
+        Session*      s    = r->seq;
+        const int64_t need = s->num_cached + s->inflight + 1;
+        bool          ok = true, gone = false;
+        while (!seqs_.grow(s, need)) {
+            const size_t v = victim_from(i, step);
+            if (v == running_.size()) {
+                ok = false;  // everyone newer is in a plan: r waits for blocks
+                break;
+            }
+            gone = running_[v] == r;
+            preempt(v);
+            if (gone) {
                 ok = false;
                 break;
             }
         }
-        if (!ok) {
-            break;  // r was the last one
+        if (!gone) {
+            ++i;  // else running_[i] is already the next one
         }
-        r->plan_step = step;
-        r->chunk     = 1;
-        r->samples   = true;
-        decode_rows_.push_back(r);
+        if (ok) {
+            r->plan_step = step;
+            decode_rows_.push_back(r);
+        }
     }
 
-    // 3. Prefill rows, oldest first, within the token budget.
+    // 3. Prefill rows, oldest first, within the token budget. A request with a pending token
+    // only ever gets a decode row.
     int64_t budget = cfg_.max_prefill_tokens;
     int64_t used   = 0;
     for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
         Request* r = running_[i];
-        if (r->plan_step == step) {
+        if (r->plan_step == step || r->pending) {
             continue;
         }
         Session*      s       = r->seq;
         const int64_t size    = static_cast<int64_t>(s->tokens.size());
-        const int64_t pending = size - s->num_cached;
+        const int64_t start   = s->num_cached + s->inflight;
+        const int64_t pending = size - start;
         if (pending <= 0) {
             continue;
         }
@@ -446,83 +538,92 @@ const Plan& Scheduler::schedule()
             break;  // whole prompts only; the first one of a step may exceed the budget
         }
         bool ok = true;
-        while (!seqs_.grow(s, s->num_cached + chunk)) {
+        while (!seqs_.grow(s, start + chunk)) {
             if (cfg_.chunked_prefill) {
                 const int64_t avail =
-                    (static_cast<int64_t>(s->blocks.size()) + blocks_.num_free()) * cfg_.block_size - s->num_cached;
+                    (static_cast<int64_t>(s->blocks.size()) + blocks_.num_free()) * cfg_.block_size - start;
                 if (avail >= 1 && avail < chunk) {
                     chunk = avail;
                     continue;
                 }
             }
-            // Preempt the newest running request that is newer than r and not in the plan.
-            size_t j = running_.size();
-            while (j > i + 1 && running_[j - 1]->plan_step == step) {
-                --j;
-            }
-            if (j <= i + 1) {
+            const size_t j = victim_from(i + 1, step);  // newer than r and in no plan
+            if (j == running_.size()) {
                 ok = false;
                 break;
             }
-            preempt(j - 1);
+            preempt(j);
         }
         if (!ok) {
             continue;  // waits for blocks
         }
         r->plan_step = step;
-        r->chunk     = static_cast<int32_t>(chunk);
-        r->samples   = s->num_cached + chunk == size && r->output_len > 0;
         prefill_rows_.push_back(r);
+        prefill_chunks_.push_back(static_cast<int32_t>(chunk));
+        prefill_samples_.push_back(start + chunk == size && r->output_len > 0);
         budget -= chunk;
         used += chunk;
     }
 
     // 4. The flat arrays.
-    plan_.num_tokens = plan_.batch_size = plan_.num_samples = plan_.num_logits = 0;
-    plan_.max_q_len = plan_.max_kv_len = 0;
-    plan_.num_decode                   = static_cast<int>(decode_rows_.size());
-    int b                              = 0;
+    plan.num_tokens = plan.batch_size = plan.num_samples = plan.num_logits = 0;
+    plan.max_q_len = plan.max_kv_len = 0;
+    plan.num_decode                  = static_cast<int>(decode_rows_.size());
+    pb.rows.clear();
+    pb.sample_rows.clear();
+    int b = 0;
     for (Request* r : decode_rows_) {
-        emit_row(r, b++);
+        emit_row(pb, buf, r, b++, 1, true);
     }
-    for (Request* r : prefill_rows_) {
-        emit_row(r, b++);
+    for (size_t k = 0; k < prefill_rows_.size(); ++k) {
+        emit_row(pb, buf, prefill_rows_[k], b++, prefill_chunks_[k], prefill_samples_[k] != 0);
     }
-    plan_.batch_size            = b;
-    plan_.cu_seqlens[b]         = plan_.num_tokens;
-    plan_outstanding_           = b > 0;
-    return plan_;
+    plan.batch_size     = b;
+    plan.cu_seqlens[b]  = plan.num_tokens;
+    if (b > 0) {
+        out_[num_out_++] = buf;
+    }
+    return plan;
 }
 
-void Scheduler::emit_row(Request* r, int b)
+void Scheduler::emit_row(PlanBuffer& pb, int buf, Request* r, int b, int32_t c, bool samples)
 {
-    Session*       s   = r->seq;
-    const int64_t  k   = s->num_cached;
-    const int      c   = r->chunk;
-    const int      bs  = cfg_.block_size;
-    int            t   = plan_.num_tokens;
-    const int32_t* tok = s->tokens.data();
-    const BlockId* blk = s->blocks.data();
+    Plan&          plan = pb.plan;
+    Session*       s    = r->seq;
+    const int64_t  k    = s->num_cached + s->inflight;
+    const int64_t  size = static_cast<int64_t>(s->tokens.size());
+    const int      bs   = cfg_.block_size;
+    int            t    = plan.num_tokens;
+    const int32_t* tok  = s->tokens.data();
+    const BlockId* blk  = s->blocks.data();
 
-    plan_.cu_seqlens[b] = t;
+    plan.cu_seqlens[b] = t;
     for (int i = 0; i < c; ++i, ++t) {
-        const int64_t p       = k + i;
-        plan_.input_ids[t]    = tok[p];
-        plan_.positions[t]    = static_cast<int32_t>(p);
-        plan_.slot_mapping[t] = blk[p / bs] * bs + static_cast<int32_t>(p % bs);
+        const int64_t p = k + i;
+        if (p < size) {
+            plan.input_ids[t] = tok[p];
+        }
+        else if (r->pending == 1 && p == size && num_out_ == 1) {
+            plan.input_ids[t] = -(r->sample_in[out_[0]] + 1);  // its token pending in the outstanding plan
+        }
+        else {
+            throw std::logic_error("Scheduler: row of request " + std::to_string(r->handle) + " runs past its tokens");
+        }
+        plan.positions[t]    = static_cast<int32_t>(p);
+        plan.slot_mapping[t] = blk[p / bs] * bs + static_cast<int32_t>(p % bs);
     }
-    const int kv          = static_cast<int>(k + c);
-    plan_.kv_lens[b]      = kv;
-    plan_.row_handles[b]  = r->handle;
-    plan_.max_q_len       = std::max(plan_.max_q_len, c);
-    plan_.max_kv_len      = std::max(plan_.max_kv_len, kv);
-    s->inflight           = c;
+    const int kv       = static_cast<int>(k + c);
+    plan.kv_lens[b]     = kv;
+    plan.row_handles[b] = r->handle;
+    plan.max_q_len      = std::max(plan.max_q_len, c);
+    plan.max_kv_len     = std::max(plan.max_kv_len, kv);
+    s->inflight += c;
 
     // Block table row b: append what is new if it still holds this session's blocks.
-    int32_t*  row = plan_.block_table.data() + static_cast<size_t>(b) * plan_.width;
+    int32_t*  row = plan.block_table.data() + static_cast<size_t>(b) * plan.width;
     const int nb  = static_cast<int>(s->blocks.size());
-    int       old = owner_len_[b];
-    if (owner_uid_[b] == s->uid && owner_version_[b] == s->blocks_version && old <= nb) {
+    int       old = pb.owner_len[b];
+    if (pb.owner_uid[b] == s->uid && pb.owner_version[b] == s->blocks_version && old <= nb) {
         std::copy(blk + old, blk + nb, row + old);
     }
     else {
@@ -530,40 +631,47 @@ void Scheduler::emit_row(Request* r, int b)
         if (old > nb) {
             std::fill(row + nb, row + old, -1);
         }
-        owner_uid_[b]     = s->uid;
-        owner_version_[b] = s->blocks_version;
+        pb.owner_uid[b]     = s->uid;
+        pb.owner_version[b] = s->blocks_version;
     }
-    owner_len_[b] = nb;
+    pb.owner_len[b] = nb;
 
-    if (r->samples) {
-        const int j               = plan_.num_samples++;
-        plan_.sample_idx[j]       = t - 1;
-        plan_.sample_handles[j]   = r->handle;
-        sample_reqs_[j]           = r;
+    if (samples) {
+        const int j            = plan.num_samples++;
+        plan.sample_idx[j]     = t - 1;
+        plan.sample_handles[j] = r->handle;
+        pb.sample_rows.push_back(b);
+        r->sample_in[buf] = j;
+        ++r->pending;
     }
+    r->row_in[buf] = b;
+    ++r->rows_out;
+    pb.rows.push_back(Row{r, c, samples});
     if (r->logits_all) {
         const int64_t from = std::max(k, r->logits_from);
         const int64_t to   = std::min<int64_t>(k + c, r->context_len);
         for (int64_t p = from; p < to; ++p) {
-            const int j               = plan_.num_logits++;
-            plan_.logits_idx[j]       = plan_.cu_seqlens[b] + static_cast<int32_t>(p - k);
-            plan_.logits_handles[j]   = r->handle;
+            const int j            = plan.num_logits++;
+            plan.logits_idx[j]     = plan.cu_seqlens[b] + static_cast<int32_t>(p - k);
+            plan.logits_handles[j] = r->handle;
         }
     }
-    plan_.num_tokens = t;
+    plan.num_tokens = t;
 }
 
 std::shared_ptr<Events> Scheduler::update(const int32_t* tokens, size_t n)
 {
-    if (!plan_outstanding_) {
+    if (num_out_ == 0) {
         if (n != 0) {
             throw std::invalid_argument("Scheduler.update: got " + std::to_string(n)
                                         + " tokens but no plan is outstanding");
         }
         return take_events();
     }
-    if (n != static_cast<size_t>(plan_.num_samples)) {
-        throw std::invalid_argument("Scheduler.update: expected " + std::to_string(plan_.num_samples)
+    const int   buf = out_[0];
+    PlanBuffer& pb  = bufs_[buf];
+    if (n != static_cast<size_t>(pb.plan.num_samples)) {
+        throw std::invalid_argument("Scheduler.update: expected " + std::to_string(pb.plan.num_samples)
                                     + " sampled tokens (one per sample_idx entry), got " + std::to_string(n));
     }
     for (size_t j = 0; j < n; ++j) {
@@ -572,19 +680,25 @@ std::shared_ptr<Events> Scheduler::update(const int32_t* tokens, size_t n)
                                         + " is outside the vocabulary");
         }
     }
-    plan_outstanding_ = false;
+    out_[0] = out_[1];
+    out_[1] = -1;
+    --num_out_;
 
     // The forward wrote the planned K/V.
-    const int B = plan_.batch_size;
-    for (size_t i = 0; i < decode_rows_.size(); ++i) {
-        Session* s = decode_rows_[i]->seq;
-        s->num_cached += 1;
-        s->inflight = 0;
-    }
-    for (Request* r : prefill_rows_) {
+    for (Row& row : pb.rows) {
+        Request* r = row.r;
+        if (!r) {
+            continue;
+        }
         Session* s = r->seq;
-        s->num_cached += s->inflight;
-        s->inflight = 0;
+        s->num_cached += row.chunk;
+        s->inflight -= row.chunk;
+        --r->rows_out;
+        r->row_in[buf] = -1;
+        if (row.samples) {
+            --r->pending;
+            r->sample_in[buf] = -1;
+        }
         if (r->logits_all) {
             r->logits_from = std::max(r->logits_from, std::min(s->num_cached, r->context_len));
         }
@@ -592,8 +706,8 @@ std::shared_ptr<Events> Scheduler::update(const int32_t* tokens, size_t n)
 
     // Sampled tokens: append, then stop checks.
     for (size_t j = 0; j < n; ++j) {
-        Request* r = sample_reqs_[j];
-        if (r->cancel_pending) {
+        Request* r = pb.rows[pb.sample_rows[j]].r;
+        if (!r) {
             continue;
         }
         const int32_t tok = tokens[j];
@@ -609,24 +723,18 @@ std::shared_ptr<Events> Scheduler::update(const int32_t* tokens, size_t n)
             reason = kLength;
         }
         if (reason != kNotFinished) {
-            finish(r, static_cast<FinishReason>(reason), &tok, 1);
+            finish_committed(r, static_cast<FinishReason>(reason), &tok, 1);
         }
         else {
             push_event(r, &tok, 1, false, kNotFinished);
         }
     }
-    // Prefill-only requests whose prompt is complete, and cancellations that waited for us.
-    for (int b = 0; b < B; ++b) {
-        Request* r = b < plan_.num_decode ? decode_rows_[b] : prefill_rows_[b - plan_.num_decode];
-        if (r->state == Request::kFinished) {
-            continue;
-        }
-        if (r->cancel_pending) {
-            r->end = r->end || r->cancel_end;
-            finish(r, kCancel, nullptr, 0);
-        }
-        else if (r->output_len == 0 && r->seq->num_cached == static_cast<int64_t>(r->seq->tokens.size())) {
-            finish(r, kLength, nullptr, 0);
+    // Prefill-only requests whose prompt is complete.
+    for (Row& row : pb.rows) {
+        Request* r = row.r;
+        if (r && r->state != Request::kFinished && r->output_len == 0
+            && r->seq->num_cached == static_cast<int64_t>(r->seq->tokens.size())) {
+            finish_committed(r, kLength, nullptr, 0);
         }
     }
     reap();
@@ -635,26 +743,17 @@ std::shared_ptr<Events> Scheduler::update(const int32_t* tokens, size_t n)
 
 void Scheduler::discard_plan()
 {
-    if (!plan_outstanding_) {
+    if (num_out_ == 0) {
         return;
     }
-    plan_outstanding_ = false;
-    for (Request* r : decode_rows_) {
-        r->seq->inflight = 0;
-        seqs_.uncache(r->seq, r->seq->num_cached);  // frees the blocks taken for the step
-    }
-    for (Request* r : prefill_rows_) {
-        r->seq->inflight = 0;
-        seqs_.uncache(r->seq, r->seq->num_cached);
-    }
-    for (int b = 0; b < plan_.batch_size; ++b) {
-        Request* r = b < plan_.num_decode ? decode_rows_[b] : prefill_rows_[b - plan_.num_decode];
-        if (r->cancel_pending) {
-            r->end = r->end || r->cancel_end;
-            finish(r, kCancel, nullptr, 0);
+    const int buf   = out_[--num_out_];
+    out_[num_out_]  = -1;
+    PlanBuffer& pb  = bufs_[buf];
+    for (Row& row : pb.rows) {
+        if (row.r) {
+            drop_row(row, buf);  // frees the blocks taken for the step
         }
     }
-    reap();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -714,6 +813,22 @@ void Scheduler::check_invariants() const
             fail("request " + std::to_string(r->handle) + " in the queue is not waiting");
         }
     }
+    // What the outstanding plans hold per request: rows, sampling rows, in-flight tokens.
+    std::unordered_map<const Request*, std::array<int64_t, 3>> outstanding;
+    for (int k = 0; k < num_out_; ++k) {
+        for (const Row& row : bufs_[out_[k]].rows) {
+            if (!row.r) {
+                continue;
+            }
+            if (row.r->state != Request::kRunning) {
+                fail("request " + std::to_string(row.r->handle) + " has a row in an outstanding plan but is not running");
+            }
+            auto& c = outstanding[row.r];
+            c[0] += 1;
+            c[1] += row.samples;
+            c[2] += row.chunk;
+        }
+    }
     size_t num_active_sessions = 0;
     for (auto& kv : active_) {
         const Request* r = kv.second.get();
@@ -731,8 +846,19 @@ void Scheduler::check_invariants() const
         if (static_cast<int64_t>(s->tokens.size()) > r->limit || r->limit > cfg_.session_len - 1 + (r->output_len == 0)) {
             fail("session " + id_str(r->session_id) + " exceeds its length limit");
         }
-        if (s->inflight && !(plan_outstanding_ && r->plan_step == plan_.step)) {
-            fail("session " + id_str(r->session_id) + " has in-flight tokens outside the plan");
+        const auto it = outstanding.find(r);
+        const std::array<int64_t, 3> want = it == outstanding.end() ? std::array<int64_t, 3>{0, 0, 0} : it->second;
+        if (r->rows_out != want[0] || r->pending != want[1] || s->inflight != want[2]) {
+            fail("request " + std::to_string(r->handle) + " counts " + std::to_string(r->rows_out) + " rows, "
+                 + std::to_string(r->pending) + " pending tokens and " + std::to_string(s->inflight)
+                 + " in-flight tokens; the outstanding plans hold " + std::to_string(want[0]) + ", "
+                 + std::to_string(want[1]) + " and " + std::to_string(want[2]));
+        }
+        if (s->num_cached + s->inflight > static_cast<int64_t>(s->tokens.size()) + r->pending) {
+            fail("session " + id_str(r->session_id) + " has K/V planned for tokens it does not have");
+        }
+        if (static_cast<int64_t>(s->tokens.size()) + r->pending > r->limit) {
+            fail("session " + id_str(r->session_id) + " would exceed its length limit with its pending tokens");
         }
         if (r->state == Request::kWaiting && !s->blocks.empty()) {
             fail("preempted request " + std::to_string(r->handle) + " still holds blocks");
@@ -740,7 +866,11 @@ void Scheduler::check_invariants() const
     }
     size_t active_sessions = 0;
     for (uint64_t id : seqs_.session_ids()) {
-        active_sessions += seqs_.find(id)->status == Session::kActive;
+        const Session* s = seqs_.find(id);
+        active_sessions += s->status == Session::kActive;
+        if (s->status != Session::kActive && s->inflight) {
+            fail("idle session " + id_str(id) + " has in-flight tokens");
+        }
     }
     if (active_sessions != num_active_sessions) {
         fail(std::to_string(active_sessions) + " active sessions but " + std::to_string(num_active_sessions)

@@ -5,27 +5,49 @@
 //     ... forward(plan) + sampler -> one token per plan.sample_idx entry ...
 //     auto events = sched.update(tokens, S);  // append, stop checks, finish / park
 //
+// Pipelined ("async scheduling"): schedule(/*ahead=*/true) may be called while ONE plan (A) is
+// outstanding, so that the engine launches the next step (B) before A's tokens reach the host:
+//     A = schedule(); launch(A);
+//     loop: B = schedule(true); launch(B, prev_tokens = A's device tokens);
+//           update(A's tokens);  A = B;
+// A request that samples in A has one pending token (position len = its committed length). B
+// may give it a decode row at position len whose input id is the placeholder -(j+1), j = its
+// index in A's sample list (step_input.py resolves it on the device); positions, kv_lens,
+// slot_mapping and blocks count the pending token. No row is given when the pending token would
+// reach a count-based limit (request_output_len, session_len), nor to a request being cancelled.
+// A prefill chunk that does not sample may be followed by the next chunk in B as well.
+// update() always commits the OLDEST outstanding plan. When that commit finishes a request
+// (EOS, stop word) that also has a row in B, the row is detached from B: its in-flight
+// tokens are dropped from the session (num_cached stays at what A wrote, so the next turn
+// re-feeds the last token exactly as in the synchronous protocol), the blocks only it needed
+// are freed, and its token is ignored when B is committed. B may still write into those blocks
+// on the device; only a later plan can reuse them, and stream order puts its writes after B's.
+// cancel() detaches a request from every outstanding plan the same way and finishes it at once.
+// A request with a row in any outstanding plan is never preempted. discard_plan() drops the
+// NEWEST outstanding plan (drop B before A: B's placeholders refer to A).
+//
 // schedule():
 //   1. admits waiting requests in FIFO order while fewer than max_batch_size are running
 //      (preempted requests are re-queued at the head and keep their original priority);
 //      admission applies START (create, replacing an existing session) or fetch + `step`
 //      truncation, appends the input, inserts start_id when history and input are both empty;
-//   2. decode rows first: every running request with exactly one token without KV that samples
-//      (oldest first), one token each;
+//   2. decode rows first: every running request with exactly one token (committed or pending)
+//      without KV that samples (oldest first), one token each;
 //   3. then prefill rows, oldest first, within `max_prefill_tokens` tokens per step; with
 //      chunked prefill a prompt is split over steps and its row samples only in the step that
 //      completes it;
 //   blocks: when the pool is short, idle sessions are evicted LRU-first; then the most recently
-//   admitted running request that is not already in the plan is preempted (its blocks freed,
-//   its tokens kept, re-queued at the head to re-prefill later); a prefill chunk rather shrinks
-//   to the blocks it can get before preempting anyone.
+//   admitted running request that is in no plan (this one or an outstanding one) is preempted
+//   (its blocks freed, its tokens kept, re-queued at the head to re-prefill later); a prefill
+//   chunk rather shrinks to the blocks it can get before preempting anyone.
 //
-// The plan's arrays are fixed-capacity buffers owned by the scheduler: they stay valid (and are
-// overwritten) until the next schedule(). The block table is updated incrementally per row.
+// The plan's arrays are fixed-capacity buffers owned by the scheduler; there are two, used in
+// turn: a plan's arrays stay valid until the second schedule() after it.
+// The block table is updated incrementally per row.
 //
 // Not thread-safe. Never aborts on bad input: requests are rejected with an error event; misuse
-// of the step protocol (schedule twice, wrong token count) throws std::logic_error /
-// std::invalid_argument before changing anything.
+// of the step protocol (schedule with a plan outstanding without `ahead`, or with two; wrong
+// token count) throws std::logic_error / std::invalid_argument before changing anything.
 #pragma once
 
 #include <cstdint>
@@ -111,22 +133,25 @@ public:
     int32_t            last_code() const { return last_code_; }
     const std::string& last_message() const { return last_message_; }
 
-    // STOP for `session_id`: a running request finishes with reason cancel (at once, or in the
-    // next update() if it is in the outstanding plan), its cache kept (erased when end); a
-    // queued one is removed. Not active: end erases the session, else kInactive.
+    // STOP for `session_id`: a running request finishes at once with reason cancel, its cache
+    // kept (erased when end); its rows in outstanding plans are dropped, so the session is as if
+    // it had been cancelled before those steps. A queued one is removed. Not active: end erases
+    // the session, else kInactive. The event comes with the next update().
     int32_t cancel(uint64_t session_id, bool end);
 
-    const Plan& schedule();
-    // Commits the outstanding plan with one sampled token per plan.sample_idx entry (nothing
-    // when no plan is outstanding) and returns the events since the previous update().
+    // `ahead`: one plan may be outstanding (pipelined); without it none may.
+    const Plan& schedule(bool ahead = false);
+    // Commits the oldest outstanding plan with one sampled token per plan.sample_idx entry
+    // (nothing when no plan is outstanding) and returns the events since the previous update().
     std::shared_ptr<Events> update(const int32_t* tokens, size_t n);
-    // Drops the outstanding plan (e.g. the forward failed): nothing of it is committed.
+    // Drops the newest outstanding plan (e.g. its forward failed): nothing of it is committed.
     void discard_plan();
-    bool plan_outstanding() const { return plan_outstanding_; }
+    bool plan_outstanding() const { return num_out_ > 0; }
+    int  num_outstanding() const { return num_out_; }
 
     // Introspection.
     const SchedulerConfig& config() const { return cfg_; }
-    const Plan&            plan() const { return plan_; }
+    const Plan&            plan() const { return bufs_[cur_].plan; }
     SessionInfo            session_info(uint64_t id) const;
     std::string            request_state(int64_t handle) const;  // waiting|running|preempted|finished|unknown
     size_t                 num_running() const { return running_.size(); }
@@ -141,15 +166,36 @@ public:
     void                   check_invariants() const;
 
 private:
+    // One row of a plan; r == nullptr once detached (its request finished before the commit).
+    struct Row {
+        Request* r;
+        int32_t  chunk;
+        bool     samples;
+    };
+    // A plan and what the scheduler needs to commit it. Two, used in turn (see the top).
+    struct PlanBuffer {
+        Plan                  plan;
+        std::vector<Row>      rows;         // [B]: decode rows first, as in the plan
+        std::vector<int32_t>  sample_rows;  // [S]: the row of each sample
+        std::vector<uint64_t> owner_uid, owner_version;  // per block-table row: what it holds
+        std::vector<int32_t>  owner_len;
+    };
+
     int64_t reject(int64_t handle, uint64_t session_id, int32_t code, const std::string& msg);
     int32_t stop_request(uint64_t session_id, bool end, std::string& msg);
     bool    admit(Request* r);
     void    insert_running(Request* r);
     void    preempt(size_t index);
+    size_t  victim_from(size_t from, uint64_t step) const;
+    bool    wants_decode_row(const Request* r) const;
+    bool    grow_for(size_t& i, Request* r, int64_t tokens, uint64_t step, bool decode);
     void    finish(Request* r, FinishReason reason, const int32_t* toks, int n);
+    void    finish_committed(Request* r, FinishReason reason, const int32_t* toks, int n);
+    void    detach(Request* r);
+    void    drop_row(Row& row, int buf);
     void    reap();
     void    push_event(const Request* r, const int32_t* toks, int n, bool finished, int8_t reason);
-    void    emit_row(Request* r, int b);
+    void    emit_row(PlanBuffer& pb, int buf, Request* r, int b, int32_t chunk, bool samples);
     void    warn(std::string msg);
     std::shared_ptr<Events> take_events();
 
@@ -161,12 +207,15 @@ private:
     std::deque<Request*>  waiting_;
     std::vector<Request*> running_;   // sorted by admit_seq (oldest first)
     std::vector<Request*> finished_;  // to reap
-    std::vector<Request*> decode_rows_, prefill_rows_, sample_reqs_;
+    std::vector<Request*> decode_rows_, prefill_rows_;  // of the plan being built
+    std::vector<int32_t>  prefill_chunks_;
+    std::vector<uint8_t>  prefill_samples_;
 
-    Plan                  plan_;
-    std::vector<uint64_t> owner_uid_, owner_version_;  // per block-table row: what it holds
-    std::vector<int32_t>  owner_len_;
-    bool                  plan_outstanding_ = false;
+    PlanBuffer bufs_[2];
+    int        cur_    = 1;           // buffer of the latest schedule()
+    int        out_[2] = {-1, -1};    // buffers of the outstanding plans, oldest first
+    int        num_out_ = 0;
+    uint64_t   step_counter_ = 0;
 
     Events                   events_;
     std::vector<std::string> warnings_;

@@ -111,6 +111,18 @@ void SequenceManager::uncache(Session* s, int64_t n)
     lru_relink(s);
 }
 
+void SequenceManager::retract(Session* s, int64_t n)
+{
+    if (n < 0 || n > s->inflight) {
+        throw std::invalid_argument("SequenceManager.retract: " + std::to_string(n) + " of "
+                                    + std::to_string(s->inflight) + " in-flight tokens for session "
+                                    + std::to_string(s->id));
+    }
+    s->inflight -= n;
+    shrink_blocks(s, s->num_cached + s->inflight);
+    lru_relink(s);
+}
+
 void SequenceManager::activate(Session* s)
 {
     s->status = Session::kActive;
@@ -197,8 +209,9 @@ void SequenceManager::check_invariants() const
         if (s.id != kv.first) {
             fail("session keyed " + std::to_string(kv.first) + " has id " + id);
         }
+        // A pipelined plan may write the K/V of one token that is still being sampled.
         if (s.num_cached < 0 || s.inflight < 0
-            || s.num_cached + s.inflight > static_cast<int64_t>(s.tokens.size())) {
+            || s.num_cached + s.inflight > static_cast<int64_t>(s.tokens.size()) + 1) {
             fail("session " + id + ": num_cached " + std::to_string(s.num_cached) + " + inflight "
                  + std::to_string(s.inflight) + " exceeds its " + std::to_string(s.tokens.size()) + " tokens");
         }

@@ -2,7 +2,7 @@
 //
 // A session holds its whole token history; the first `num_cached` tokens have their K/V in the
 // session's blocks (blocks.size() == blocks_for(num_cached + inflight), where `inflight` is what
-// an outstanding step plan is writing). A session is *active* while a request uses it and
+// outstanding step plans are writing, possibly including one token still being sampled). A session is *active* while a request uses it and
 // *idle* otherwise. Idle sessions that hold blocks sit on an LRU list (ordered by last-use
 // time, a logical clock bumped whenever a session is parked); when blocks run short, grow()
 // evicts them least-recently-used first: their blocks go back to the pool and num_cached
@@ -65,6 +65,8 @@ public:
     bool truncate(Session* s, int64_t step);
     // Drop cached KV down to `n` tokens (n <= num_cached), freeing blocks past it.
     void uncache(Session* s, int64_t n);
+    // Drop `n` in-flight tokens (their plan was dropped), freeing the blocks only they needed.
+    void retract(Session* s, int64_t n);
 
     // A request takes the session (not evictable) / gives it back (idle, last-use = now).
     void activate(Session* s);

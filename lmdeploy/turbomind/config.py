@@ -25,8 +25,12 @@ Engine keys that v0.0.2 did not have:
 * ``chunked_prefill``: split long prompts over steps within ``max_prefill_tokens`` (default on).
 * ``cuda_graph``: replay steps from CUDA graphs (cuda_graph.py): decode-only steps per
   batch-size bucket, lone prompts per token bucket up to 512, and mixed steps (prompts joining
-  decoding rows) per token bucket up to 2048 (default on; it only takes effect on CUDA, the CPU
+  decoding rows) per token bucket up to 512 (default on; it only takes effect on CUDA, the CPU
   path never captures).
+* ``async_schedule``: plan and launch step n+1 while step n still runs on the device, so the
+  host's commit / schedule / launch work hides behind the device (default on; see engine.py).
+  The engine falls back to synchronous steps while a request wants logits (``decode()``) and
+  always with tensor parallelism.
 * ``kv_int8_scales``: where int8 KV (``quant_policy = 4``) takes its scales: 'per_tensor'
   (default; v0.0.2's ``layers.{i}.past_kv_scale.{tp}.weight`` files, 2 floats symmetric or 4
   asymmetric), 'per_head' (the ``....per_head.weight`` files) or 'online' (no files: a scale
@@ -87,6 +91,7 @@ class EngineConfig:
     device: str = ''  # '' -> cuda if available else cpu
     chunked_prefill: bool = True  # False: a prompt is prefilled in one step, whatever its length
     cuda_graph: bool = True  # decode steps from CUDA graphs (CUDA only)
+    async_schedule: bool = True  # plan step n+1 while step n runs (engine.py)
     kv_int8_scales: str = 'per_tensor'  # quant_policy 4: per_tensor | per_head | online
     # --- where it came from ---
     weight_dir: str = ''

@@ -15,8 +15,9 @@ sliced (and cast to int32 where the kernels want it) inside the graph:
   rows' first blocks); their logits are dropped. cu_seqlens and sample_idx are aranges.
 * Varlen graphs (T tokens, R rows, S = R samples): any mix of decode rows, prompts and prompt
   chunks over cached prefixes with at most T tokens and R - 1 rows. One-row prompt graphs
-  (R = 2, T = 16..512) serve a lone prompt; mixed graphs (R = min(T, max_batch_size) + 1, T up
-  to a few thousand) serve steps where prompts join decoding rows. The real rows come first;
+  (R = 2, T = 16..512) serve a lone prompt; mixed graphs (R = min(T, max_batch_size) + 1,
+  T = 32..512) serve steps where prompts join decoding rows (larger steps are GPU-bound and run
+  eagerly). The real rows come first;
   the T - n padding tokens form one extra row (kv_len = its length, slot -1 so nothing is
   written, its table row points at block 0, which it only reads; it attends to nothing but
   itself); the rows after it are empty (q_len 0, kv_len 0: every attention program of theirs
@@ -68,23 +69,24 @@ def prompt_buckets(max_tokens: int) -> List[int]:
     return out
 
 
-# Mixed graphs up to this many tokens; larger steps are GPU-bound enough to run eagerly, and
-# each graph's activations would come out of the KV pool.
-MAX_MIXED_TOKENS = 2048
+# Mixed graphs up to this many tokens. A larger step is GPU-bound: its eager launches (~20 ms
+# of host time for a 7B model) hide behind its device time, while a graph would pad it to a
+# bucket (H100, Llama-2-7B, 148 rows / 556 tokens: eager 26.7 ms, graph at 640 tokens 29.4).
+MAX_MIXED_TOKENS = 512
 
 
 def mixed_buckets(max_tokens: int, limit: int = MAX_MIXED_TOKENS) -> List[int]:
-    """Token buckets of the mixed graphs: 32, 64, 128, then steps of 128 up to 512 and of 256
-    beyond (padding a step costs its tokens' GEMM time), up to min(MAX_MIXED_TOKENS,
-    max_tokens) rounded up to a bucket; none above `limit` (the padding row's KV must fit one
-    block-table row: at most W * block_size tokens)."""
+    """Token buckets of the mixed graphs: 32, 64, 96, 128, 160, 192, then steps of 64 up to
+    min(MAX_MIXED_TOKENS, max_tokens) rounded up to a bucket (padding costs its tokens' GEMM
+    time); none above `limit` (the padding row's KV must fit one block-table row: at most
+    W * block_size tokens)."""
     top = min(MAX_MIXED_TOKENS, limit, max(32, max_tokens))
     out, t = [], 32
     while t <= limit:
         out.append(t)
         if t >= top:
             break
-        t = t * 2 if t < 128 else t + 128 if t < 512 else t + 256
+        t += 32 if t < 192 else 64
     return out
 
 

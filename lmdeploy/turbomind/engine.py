@@ -1,8 +1,26 @@
 """The engine: one thread that runs the step loop over the persistent batch.
 
-    plan = scheduler.schedule()        # C++ core: admit, allocate blocks, emit the flat plan
-    tokens = self._run(plan)           # data plane: forward + sample
-    events = scheduler.update(tokens)  # C++ core: append, stop checks, finish or park
+    plan = scheduler.schedule()               # C++ core: admit, allocate blocks, emit the flat plan
+    launched = self._launch(plan)             # data plane: forward + sample, queued on the device
+    events = scheduler.update(launched.wait())  # C++ core: append, stop checks, finish or park
+
+Pipelined ("async scheduling", `EngineConfig.async_schedule`): the device should never wait for
+the host, so step n+1 is planned and launched before step n's tokens reach the host:
+
+    plan = scheduler.schedule(ahead=True)     # step n (A) is still outstanding on the device
+    launched = self._launch(plan, prev=A)     # forward + sampler queued; step.prev_tokens = A's
+    self._commit(A)                           # wait for A's tokens, update(A), dispatch
+    A = launched
+
+Rows of requests whose token is pending in A feed placeholders that the forward resolves from
+A's sampled tokens on the device (step_input.py); the scheduler commits plans oldest first and
+drops the newer row of a request that A's tokens finish (scheduler.h). The sampled tokens go to
+the host by an asynchronous copy queued right after the sampler, so waiting for A never waits
+for step n+1. A repetition penalty row counts its pending token as seen on the device (its
+history on the host lacks it until A is committed). A step runs synchronously (planned after
+the previous one is committed and committed at once) while any live request wants logits
+(`decode()`, read on the host per step), and always with tensor parallelism (the other ranks
+would need prev_tokens) or with async_schedule off.
 
 Callers on any thread reach the loop only through `submit` and `call` (both queue a command
 the loop runs between steps) and through the `Request` objects they hand in, which the loop
@@ -85,6 +103,7 @@ class Request:
     # engine-thread only
     rng: Optional[RequestRng] = None
     slot: int = -1  # row of the engine's SamplingSlots while it samples
+    sync_only: bool = False  # its steps cannot be planned ahead (it wants logits)
 
     def publish(self):
         with self.cond:
@@ -121,6 +140,23 @@ class Wakeup:
         return self._lock.acquire(timeout=timeout)
 
 
+@dataclass(eq=False)
+class _Launched:
+    """A step queued on the device whose sampled tokens are not committed yet."""
+    step: int
+    row_handles: np.ndarray
+    tokens: Optional[torch.Tensor] = None  # sampled, on the device (int32 [S]); None: no samples
+    host: Optional[torch.Tensor] = None  # their host copy, complete once `ready` is
+    ready: Optional[object] = None  # a CUDA event after the copy; None on the CPU
+
+    def wait(self) -> np.ndarray:
+        if self.tokens is None:
+            return _NO_TOKENS
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.numpy()
+
+
 class Engine:
     """The step loop. `runner` is rank 0's ModelRunner; the scheduler is sized from it."""
 
@@ -134,6 +170,12 @@ class Engine:
             end_id=cfg.end_id, chunked_prefill=cfg.chunked_prefill)
         self.sampler = Sampler()
         self.slots = SamplingSlots(cfg.max_batch_size)
+        # Plan ahead only with one rank (the others would need prev_tokens) and when enabled.
+        self.async_schedule = (bool(getattr(cfg, 'async_schedule', True))
+                               and getattr(runner, 'tp', 1) == 1)
+        self._launched: Optional[_Launched] = None  # the step on the device, not yet committed
+        self._num_sync_only = 0  # live requests whose steps must not be planned ahead
+        self.steps_ahead = 0  # steps planned while the previous one was on the device
         self._wakes: Dict[int, threading.Condition] = {}  # deferred notifications, by id(cond)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: Dict[int, Request] = {}  # handle -> request in the scheduler
@@ -219,6 +261,9 @@ class Engine:
         try:
             while self._drain(block=self._idle()):
                 self._step()
+            if self._launched is not None:  # its tokens are handed over before the requests fail
+                self._commit(self._launched)
+                self._launched = None
             self._wake_callers()
             dead = EngineError('the engine was closed')
         except EngineFailure as e:
@@ -249,7 +294,8 @@ class Engine:
         self._requests.clear()
 
     def _idle(self) -> bool:
-        if self.scheduler.num_running() or self.scheduler.num_waiting():
+        scheduler = self.scheduler
+        if self._launched is not None or scheduler.num_running() or scheduler.num_waiting():
             return False
         self._wake_callers()  # nothing will run: deliver before blocking
         return True
@@ -292,29 +338,74 @@ class Engine:
             request.publish()
             return
         self._requests[request.handle] = request
+        request.sync_only = request.want_logits
+        self._num_sync_only += request.sync_only
         # A rejected request gets its error event from the next update().
 
     def _step(self):
-        scheduler = self.scheduler
-        timer = self.timer
+        """One step: plan (ahead of the outstanding step when it may), launch, then commit the
+        outstanding step. Every call ends with an update(), or with a step left outstanding
+        whose commit (next call) brings the events."""
+        scheduler, timer = self.scheduler, self.timer
         if timer:
             timer.begin()
-        plan = scheduler.schedule()
+        prev, self._launched = self._launched, None
+        if prev is not None and not self._plan_ahead():
+            self._commit(prev)
+            prev = None
+        plan = scheduler.schedule(ahead=prev is not None)
+        self.steps_ahead += prev is not None
         if timer:
             timer.lap('schedule')
-        tokens = _NO_TOKENS
+        launched = None
         if plan.num_tokens:
             try:
-                tokens = self._run(plan, timer)
+                launched = self._launch(plan, prev, timer)
             except EngineFailure:  # the data plane cannot go on: the loop stops
                 raise
             except Exception as e:  # noqa: BLE001 - the step fails, its requests fail, we go on
                 logger.exception('step %d failed', plan.step)
                 scheduler.discard_plan()
-                self._fail_rows(plan, e)
-                tokens = _NO_TOKENS
-        else:
+                self._fail_rows(plan.row_handles, e)
+        if launched is None:
             self._wake_callers()  # no device work to overlap with
+        if prev is not None:
+            launched = self._commit(prev, launched)
+        elif launched is None:
+            self._commit(None)  # the events of submits and cancels
+        if launched is not None and not self._plan_ahead():
+            self._commit(launched)
+            launched = None
+        self._launched = launched
+        if timer:
+            timer.end(plan.batch_size, plan.num_tokens == plan.num_decode)
+
+    def _plan_ahead(self) -> bool:
+        return self.async_schedule and not self._num_sync_only
+
+    def _commit(self, launched: Optional[_Launched], newer: Optional[_Launched] = None
+                ) -> Optional[_Launched]:
+        """Wait for `launched`'s tokens, commit its plan (the oldest outstanding) and dispatch
+        the events; None: nothing outstanding, only the events. Returns `newer` (the step
+        launched after it), or None when a failure here dropped it too."""
+        scheduler, timer = self.scheduler, self.timer
+        tokens = _NO_TOKENS
+        if launched is not None:
+            try:
+                tokens = launched.wait()
+            except EngineFailure:
+                raise
+            except Exception as e:  # noqa: BLE001 - as a failing launch; newer reads its tokens
+                logger.exception('step %d failed', launched.step)
+                if newer is not None:
+                    scheduler.discard_plan()
+                    self._fail_rows(newer.row_handles, e)
+                    newer = None
+                scheduler.discard_plan()
+                self._fail_rows(launched.row_handles, e)
+                tokens = _NO_TOKENS
+            if timer:
+                timer.lap('sync')
         events = scheduler.update(tokens)
         for warning in scheduler.take_warnings():
             logger.warning(warning)
@@ -323,10 +414,11 @@ class Engine:
         self._dispatch(events)
         if timer:
             timer.lap('dispatch')
-            timer.end(plan.batch_size, plan.num_tokens == plan.num_decode)
+        return newer
 
-    def _run(self, plan, timer=None) -> np.ndarray:
-        """Forward the plan and sample one token per sampling row (int32)."""
+    def _launch(self, plan, prev: Optional[_Launched], timer=None) -> _Launched:
+        """Queue the plan's forward and sampler on the device (its placeholders read `prev`'s
+        tokens) and the copy of the sampled tokens to the host."""
         num_samples, num_logits = plan.num_samples, plan.num_logits
         sample_idx = plan.sample_idx
         if num_logits:
@@ -337,7 +429,9 @@ class Engine:
             block_table=torch.from_numpy(plan.block_table),
             slot_mapping=torch.from_numpy(plan.slot_mapping),
             sample_idx=torch.from_numpy(sample_idx), max_q_len=plan.max_q_len,
-            max_kv_len=plan.max_kv_len, num_decode=plan.num_decode)
+            max_kv_len=plan.max_kv_len, num_decode=plan.num_decode,
+            prev_tokens=prev.tokens if prev is not None else None)
+        launched = _Launched(plan.step, plan.row_handles.copy())
         if timer:
             timer.lap('step_input')
         slot_idx = self._sampling_slots(plan.sample_handles) if num_samples else None
@@ -346,25 +440,24 @@ class Engine:
         logits = self.runner.run(step)
         if timer:
             timer.lap('forward')
-        if num_logits:
+        if num_logits:  # only in synchronous steps (a logits request is sync_only)
             extra = logits[num_samples:].cpu()
             for j, handle in enumerate(plan.logits_handles.tolist()):
                 self._requests[handle].logits.append(extra[j])
-        if not num_samples:
-            self._wake_callers()
-            return _NO_TOKENS
-        batch = self.slots.batch(slot_idx, logits.device)
-        tokens = self.sampler(logits[:num_samples], batch).to(torch.int32)
-        self.slots.advance(slot_idx, batch)
-        if timer:
-            timer.lap('sample')
+        if num_samples:
+            batch = self.slots.batch(slot_idx, logits.device)
+            if batch.any_penalty and prev is not None and prev.tokens is not None:
+                _count_pending_as_seen(batch, plan, prev.tokens)
+            tokens = self.sampler(logits[:num_samples], batch).to(torch.int32)
+            self.slots.advance(slot_idx, batch)
+            launched.tokens = tokens
+            launched.host, launched.ready = _copy_to_host(tokens)
+            if timer:
+                timer.lap('sample')
         self._wake_callers()  # the previous step's callers run while the device works
         if timer:
             timer.lap('wake')
-        out = tokens.cpu().numpy()
-        if timer:
-            timer.lap('sync')
-        return out
+        return launched
 
     def _sampling_slots(self, handles: np.ndarray) -> np.ndarray:
         """The slot of each sampling row (int64); rows that sample for the first time get one."""
@@ -380,8 +473,8 @@ class Engine:
             slots.append(r.slot)
         return np.array(slots, dtype=np.int64)
 
-    def _fail_rows(self, plan, error: Exception):
-        for handle in set(plan.row_handles.tolist()):
+    def _fail_rows(self, row_handles: np.ndarray, error: Exception):
+        for handle in set(row_handles.tolist()):
             request = self._requests.get(handle)
             if request is not None:
                 request.error = EngineError(f'the step running this request failed: {error}')
@@ -414,6 +507,7 @@ class Engine:
                     request.error = error_for(code, events.messages[i])
                 request.reason = _tm.FINISH_REASONS[int(events.reasons[i])]
                 del requests[handle]
+                self._num_sync_only -= request.sync_only
                 self._release(request)
                 request.finished = True
             request.version += 1
@@ -432,7 +526,10 @@ class Engine:
     def _release(self, request: Request):
         """A finished request gives its sampling slot back and parks its random stream."""
         if request.slot >= 0:
-            request.rng.counter = self.slots.remove(request.slot)
+            self.slots.remove(request.slot)
+            # One draw per token it got: a draw for a row of a later step that was dropped (the
+            # request finished before it was committed) does not count, as in synchronous steps.
+            request.rng.counter += len(request.output_ids)
             request.slot = -1
         self._park_rng(request)
 
@@ -442,3 +539,33 @@ class Engine:
             self._session_rng[request.session_id] = request.rng.state()
         else:
             self._session_rng.pop(request.session_id, None)
+
+
+def _copy_to_host(tokens: torch.Tensor):
+    """(host tensor, event): an asynchronous copy queued now on the device's stream, so that
+    waiting for it later does not wait for the work queued after it."""
+    if tokens.device.type != 'cuda':
+        return tokens, None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(tokens.device))
+    return host, ready
+
+
+def _count_pending_as_seen(batch, plan, prev_tokens: torch.Tensor):
+    """The repetition penalty's seen ids of rows whose last token is pending (a placeholder for
+    an entry of `prev_tokens`) get that token as one more column, filled on the device."""
+    last = plan.input_ids[plan.sample_idx]
+    pending = last < 0
+    if not pending.any():
+        return
+    ids, lens = batch.seen_ids, batch.seen_lens
+    device = ids.device
+    src = torch.from_numpy(np.where(pending, -1 - last, 0).astype(np.int64)).to(device)
+    mask = torch.from_numpy(pending).to(device)
+    col = torch.where(mask, prev_tokens.to(device, torch.int64).index_select(0, src),
+                      torch.full_like(src, -1))
+    batch.seen_ids = torch.cat([ids, col.to(ids.dtype)[:, None]], dim=1)
+    # padding between a row's own length and the new column holds -1, which is never counted
+    batch.seen_lens = torch.where(mask, torch.full_like(lens, ids.shape[1] + 1), lens)

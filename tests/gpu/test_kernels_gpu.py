@@ -13,13 +13,15 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 if torch.cuda.is_available():
-    pytest.importorskip('triton')
+    triton = pytest.importorskip('triton')
     from lmdeploy.turbomind import kernels
     from lmdeploy.turbomind.kernels.activation import silu_and_mul_ref, silu_and_mul_triton
     from lmdeploy.turbomind.kernels.paged_attention import (paged_attention_ref,
                                                             paged_attention_triton)
     from lmdeploy.turbomind.kernels.rms_norm import rms_norm_ref, rms_norm_triton
     from lmdeploy.turbomind.kernels.rotary import rotary_embedding_ref, rotary_embedding_triton
+    from lmdeploy.turbomind.kernels.rotary_store_kv import (rotary_store_kv_ref,
+                                                            rotary_store_kv_triton)
     from lmdeploy.turbomind.kernels.store_kv import store_kv_ref, store_kv_triton
     from lmdeploy.turbomind.step_input import RowPlan, build_step_input
 
@@ -105,6 +107,126 @@ def test_store_kv(dtype, page, hkv):
     store_kv_ref(k, v, kc, vc, slots)
     store_kv_triton(k, v, kc2, vc2, slots)
     assert torch.equal(kc, kc2) and torch.equal(vc, vc2)
+
+
+def rotary_store_kv_case(T, hq, hkv, D, rotary_dim, dtype, quant, seed, page=64):
+    """A fused qkv output, positions, slots (every 5th negative), pools and kv_qparams; returns
+    `run(fn) -> (qkv buffer, returned q, k_cache, v_cache, qparams)` on fresh copies, and the
+    pool rows written."""
+    g = gen(seed)
+    nb = triton.cdiv(T, page) * 2 + 2
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=DEV, generator=g).to(dtype)
+    pos = torch.randint(0, 8192, (T,), device=DEV, generator=g)
+    slots = torch.randperm(nb * page, device=DEV, generator=g)[:T]
+    slots[1::5] = -1
+    if quant is None:
+        kc = torch.randn(nb, page, hkv, D, device=DEV, generator=g).to(dtype)
+        vc, qp = torch.randn_like(kc), None
+    else:
+        kc = torch.randint(-128, 128, (nb, page, hkv, D), device=DEV, generator=g,
+                           dtype=torch.int8)
+        vc = kc.flip(0)
+        qp = (torch.tensor([[0.03], [0.1], [0.02], [-0.05]], device=DEV).repeat(1, hkv)
+              if quant == 'static' else torch.zeros(2, nb, hkv, page, device=DEV))
+
+    def run(fn):
+        buf = qkv.clone()
+        q, k, v = (x.view(T, -1, D) for x in buf.split([hq * D, hkv * D, hkv * D], dim=-1))
+        c = (kc.clone(), vc.clone(), None if qp is None else qp.clone())
+        out = fn(q, k, v, pos, rotary_dim, 1e4, c[0], c[1], slots, c[2])
+        return (buf, out) + c
+
+    return run, slots[slots >= 0]
+
+
+def separate_rotary_store_kv(q, k, v, pos, rotary_dim, theta, kc, vc, slots, qp):
+    q, k = rotary_embedding_triton(q, k, pos, rotary_dim, theta)
+    store_kv_triton(k, v, kc, vc, slots, qp)
+    return q
+
+
+def assert_within_rounding(outs, wants, names, dtype):
+    """The fused kernel against the separate ones: the compiler may contract the angle's and
+    the rotation's multiply-adds differently; at position ~2000 an fp32 angle is only good to
+    ~2e-4 rad, so an element may differ by a few roundings of its dtype (bf16 on the H100: up
+    to 2 ulp of the larger magnitude; one integer step once quantised to int8; scales: in
+    `dtype`, the qkv dtype they come from), and only a few do (at most 22 of 262144)."""
+    for a, b, name in zip(outs, wants, names):
+        if a is None:
+            continue
+        diff = a.double() - b.double()
+        if a.dtype == torch.int8:
+            assert int(diff.abs().max()) <= 1, name
+        else:
+            mag = torch.maximum(a.double().abs(), b.double().abs())
+            ulps = 4 * torch.finfo(dtype).eps * mag.clamp_min(torch.finfo(dtype).tiny)
+            assert bool((diff.abs() <= ulps).all()), (name, float(diff.abs().max()))
+        assert int((diff != 0).sum()) <= max(1, diff.numel() // 1000), name
+
+
+def assert_same_bits(outs, wants, names):
+    for a, b, name in zip(outs, wants, names):
+        if a is None:
+            continue
+        ints = {1: torch.int8, 2: torch.int16, 4: torch.int32}[a.element_size()]
+        diff = a.view(ints) != b.view(ints)
+        assert not diff.any(), (f'{name}: {int(diff.sum())} of {diff.numel()} differ, max '
+                                f'{float((a.double() - b.double()).abs().max()):.3g}')
+
+
+@pytest.mark.parametrize('quant', [None, 'static', 'online'])
+@pytest.mark.parametrize('dtype', DTYPES)
+@pytest.mark.parametrize('hq,hkv,D,rotary_dim', [(32, 32, 128, 128), (32, 8, 128, 128),
+                                                 (16, 4, 96, 64)])
+@pytest.mark.parametrize('T', [1, 64, 2048])
+def test_rotary_store_kv(T, hq, hkv, D, rotary_dim, dtype, quant):
+    """The fused kernel gives the separate Triton kernels' results within one rounding (q,
+    pools, online scales), leaves k and v in the qkv buffer as they were, and is close to the
+    reference."""
+    run, rows = rotary_store_kv_case(T, hq, hkv, D, rotary_dim, dtype, quant,
+                                     seed=T + hq + hkv)
+    fused = run(rotary_store_kv_triton)
+    sep = run(separate_rotary_store_kv)
+    ref = run(rotary_store_kv_ref)
+    assert fused[1].data_ptr() == fused[0].data_ptr()
+    assert_within_rounding(fused[1:], sep[1:], ('returned q', 'k_cache', 'v_cache',
+                                                'kv_qparams'), dtype)
+    assert torch.equal(fused[0][:, hq * D:], ref[0][:, hq * D:])  # k, v not written
+    # vs the reference: rotary is close (not bitwise), the v half of store_kv exact
+    assert rel_err(fused[1], ref[1]) < TOL[dtype] / 2
+    assert torch.equal(fused[3], ref[3])
+    k_new, k_ref = (r[2].view(-1, hkv, D)[rows] for r in (fused, ref))
+    if quant is None:
+        assert rel_err(k_new, k_ref) < TOL[dtype] / 2
+    else:  # a rounding step apart where the rotated k (or its online scale) differs
+        assert int((k_new.int() - k_ref.int()).abs().max()) <= 1
+        assert rel_err(fused[4], ref[4]) < TOL[dtype] / 2
+
+
+def test_rotary_store_kv_cuda_graph():
+    """Captured once, replayed with new positions and slots: the eager results."""
+    T, hq, hkv, D = 16, 32, 8, 128
+    run, _ = rotary_store_kv_case(T, hq, hkv, D, D, torch.float16, 'online', seed=3)
+    new_pos = torch.randint(0, 8192, (T,), device=DEV, generator=gen(9))
+
+    def replayed(q, k, v, pos, rd, theta, kc, vc, slots, qp):
+        pos, slots, q_in = pos.clone(), slots.clone(), q.clone()
+        fn = lambda: rotary_store_kv_triton(q, k, v, pos, rd, theta, kc, vc, slots, qp)  # noqa
+        fn()  # compiles outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        pos.copy_(new_pos)
+        slots.copy_(slots.flip(0))  # the same rows: the warm-up's writes are all overwritten
+        q.copy_(q_in)
+        graph.replay()
+        return q
+
+    def eager(q, k, v, pos, rd, theta, kc, vc, slots, qp):
+        return rotary_store_kv_triton(q, k, v, new_pos, rd, theta, kc, vc, slots.flip(0), qp)
+
+    assert_same_bits(run(replayed)[1:], run(eager)[1:], ('q', 'k_cache', 'v_cache', 'qparams'))
 
 
 def make_attention(rows, hq, hkv, D, page, dtype, seed, extra_blocks=8):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lmdeploy.turbomind import kernels
 from lmdeploy.turbomind.kernels import (paged_attention_ref, rms_norm_ref, rotary_embedding_ref,
-                                        silu_and_mul_ref, store_kv_ref)
+                                        rotary_store_kv_ref, silu_and_mul_ref, store_kv_ref)
 from lmdeploy.turbomind.step_input import RowPlan, build_step_input
 
 
@@ -16,6 +16,7 @@ def test_select_picks_reference_on_cpu(monkeypatch):
     k = kernels.select('cpu')
     assert set(k.impl.values()) == {'ref'}
     assert k.paged_attention is paged_attention_ref and k.rms_norm is rms_norm_ref
+    assert k.rotary_store_kv is rotary_store_kv_ref
     assert set(k.impl) == set(kernels.OPS)
     with pytest.raises(ValueError):
         kernels.select('cpu', impl='fast')
@@ -94,6 +95,37 @@ def test_store_kv_writes_slots_and_skips_negative():
     assert int((kc.abs().sum((-1, -2)) > 0).sum()) == 3
     store_kv_ref(k[:2], v[:2], kc, vc, torch.tensor([1, 2]))
     assert torch.equal(vc[0, 1], v[0]) and torch.equal(vc[0, 2], v[1])
+
+
+@pytest.mark.parametrize('quant', [None, 'static', 'online'])
+def test_rotary_store_kv_is_rotary_then_store(quant):
+    """On column views of a fused qkv output, with a negative slot and partial rotary: the
+    returned q and the pool are those of rotary_embedding + store_kv; k, v are not written."""
+    g = torch.Generator().manual_seed(5)
+    T, hq, hkv, D, rd, nb, bs = 6, 4, 2, 24, 16, 5, 4
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, generator=g).half()
+    before = qkv.clone()
+    q, k, v = (x.view(T, -1, D) for x in qkv.split([hq * D, hkv * D, hkv * D], dim=-1))
+    pos = torch.tensor([0, 5, 17, 300, 2, 4095])
+    slots = torch.tensor([3, -1, 0, 19, 8, 12])
+    if quant is None:
+        kc, vc, qp = torch.randn(nb, bs, hkv, D).half(), torch.randn(nb, bs, hkv, D).half(), None
+    else:
+        kc = torch.randint(-128, 128, (nb, bs, hkv, D), generator=g, dtype=torch.int8)
+        vc = kc.flip(0)
+        qp = (torch.tensor([[0.02], [0.1], [0.03], [-0.1]]).repeat(1, hkv) if quant == 'static'
+              else torch.zeros(2, nb, hkv, bs))
+    kc2, vc2 = kc.clone(), vc.clone()
+    qp2 = None if qp is None else qp.clone()
+    want_q, rk = rotary_embedding_ref(q, k, pos, rd, 1e4)
+    store_kv_ref(rk, v, kc2, vc2, slots, qp2)
+    out_q = rotary_store_kv_ref(q, k, v, pos, rd, 1e4, kc, vc, slots, qp)
+    assert torch.equal(out_q, want_q) and torch.equal(kc, kc2) and torch.equal(vc, vc2)
+    assert qp is None or torch.equal(qp, qp2)
+    assert torch.equal(qkv, before)
+    if quant is None:  # the pool holds the rotated k; the skipped token's q is still rotated
+        assert torch.equal(kc.view(-1, hkv, D)[19], rk[3]) and not torch.equal(rk[3], k[3])
+        assert torch.equal(out_q[1], rotary_embedding_ref(q[1:2], k[1:2], pos[1:2], rd, 1e4)[0][0])
 
 
 def test_silu_and_mul():

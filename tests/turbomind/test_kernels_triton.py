@@ -93,6 +93,28 @@ for quant in ('static', 'online'):
     _case(f'attn-int8-{quant}-mixed-fp16', op='attn', D=32, hq=4, hkv=2, page=4,
           rows=[(20, 1), (45, 1), (7, 12)], dtype='float16', quant=quant)
 
+# rotary + store_kv in one kernel: equal (bitwise) to the two Triton kernels, close to the refs.
+# q/k/v are column views of a fused qkv output; slot 1 is negative.
+for dt in ('float32', 'float16', 'bfloat16'):
+    _case(f'rotary_store_kv-{dt}', op='rotary_store_kv', T=7, hq=4, hkv=2, D=32, rotary_dim=32,
+          theta=1e4, page=4, dtype=dt)
+    for quant in ('static', 'online'):
+        _case(f'rotary_store_kv-int8-{quant}-{dt}', op='rotary_store_kv', T=7, hq=4, hkv=2, D=32,
+              rotary_dim=32, theta=1e4, page=4, dtype=dt, quant=quant)
+_case('rotary_store_kv-fp16-fp32cache', op='rotary_store_kv', T=5, hq=2, hkv=2, D=16,
+      rotary_dim=16, theta=1e4, page=4, dtype='float16', cache_dtype='float32')
+_case('rotary_store_kv-partial-gqa4', op='rotary_store_kv', T=5, hq=8, hkv=2, D=24,
+      rotary_dim=16, theta=5e5, page=16, dtype='float32')
+_case('rotary_store_kv-partial-int8-online', op='rotary_store_kv', T=5, hq=8, hkv=2, D=24,
+      rotary_dim=16, theta=5e5, page=16, dtype='float16', quant='online')
+_case('rotary_store_kv-headblocks', op='rotary_store_kv', T=4, hq=6, hkv=3, D=16,
+      rotary_dim=12, theta=1e4, page=4, dtype='float16', quant='online',
+      cfg=dict(BLOCK_HQ=4, BLOCK_HKV=2, num_warps=1))
+_case('rotary_store_kv-norotary', op='rotary_store_kv', T=4, hq=2, hkv=1, D=16, rotary_dim=0,
+      theta=1e4, page=4, dtype='float16')
+_case('rotary_store_kv-d128-page16', op='rotary_store_kv', T=3, hq=4, hkv=1, D=128,
+      rotary_dim=128, theta=1e4, page=16, dtype='bfloat16', quant='static')
+
 
 # ----------------------------------------------------------------------------- the checks
 def _rel_err(out, ref):
@@ -114,16 +136,74 @@ def _int8_qparams(quant, hkv, nb, page, g):
     return torch.zeros(2, nb, hkv, page)
 
 
+def _same_bits(a, b):
+    import torch
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return a.dtype == b.dtype and torch.equal(a.view(ints[a.element_size()]),
+                                              b.view(ints[b.element_size()]))
+
+
+def _check_rotary_store_kv(K, p, rnd, g):
+    """Fused kernel vs (rotary_embedding_triton; store_kv_triton): identical q, pools and online
+    scales; k and v in the qkv buffer untouched. Returns (ok, rel err vs the reference)."""
+    import torch
+    T, hq, hkv, D, page, rd, theta = (p[n] for n in ('T', 'hq', 'hkv', 'D', 'page',
+                                                      'rotary_dim', 'theta'))
+    nb = 8
+    qkv = rnd(T, (hq + 2 * hkv) * D)
+    if 0 < rd < D:  # a pass-through pair (-0, -1) must keep its -0 (not become 0 * cos ...)
+        qkv.view(T, -1, D)[..., rd:rd + 2] = torch.tensor([-0.0, -1.0], dtype=qkv.dtype)
+    pos = torch.randint(0, 5000, (T,), generator=g)
+    slots = torch.randperm(nb * page, generator=g)[:T]
+    slots[1] = -1
+    quant = p.get('quant')
+    if quant:
+        kc = torch.randint(-128, 128, (nb, page, hkv, D), generator=g, dtype=torch.int8)
+        vc, qp = kc.flip(0), _int8_qparams(quant, hkv, nb, page, g)
+    else:
+        cdt = getattr(torch, p.get('cache_dtype', p['dtype']))
+        kc, vc, qp = rnd(nb, page, hkv, D).to(cdt), rnd(nb, page, hkv, D).to(cdt), None
+
+    def run(fn):
+        buf = qkv.clone()
+        q, k, v = (x.view(T, -1, D) for x in buf.split([hq * D, hkv * D, hkv * D], dim=-1))
+        kc2, vc2 = kc.clone(), vc.clone()
+        qp2 = None if qp is None else qp.clone()
+        oq = fn(q, k, v, kc2, vc2, qp2)
+        return buf, oq, kc2, vc2, qp2
+
+    def separate(q, k, v, kc2, vc2, qp2):
+        q, k = K.rotary_embedding_triton(q, k, pos, rd, theta)
+        K.store_kv_triton(k, v, kc2, vc2, slots, qp2)
+        return q
+
+    ref = run(lambda q, k, v, *c: K.rotary_store_kv_ref(q, k, v, pos, rd, theta, *c[:2],
+                                                        slots, c[2]))
+    sep = run(separate)
+    fused = run(lambda q, k, v, *c: K.rotary_store_kv_triton(q, k, v, pos, rd, theta, *c[:2],
+                                                             slots, c[2], cfg=p.get('cfg')))
+    buf, oq = fused[:2]
+    ok = oq.data_ptr() == buf.data_ptr()  # q rotated in place in the qkv buffer
+    ok = ok and torch.equal(buf[:, hq * D:], qkv[:, hq * D:])  # k, v not written
+    ok = ok and all(_same_bits(a, b) for a, b in zip(fused[1:], sep[1:]) if a is not None)
+    if quant:  # the written rows use the int8 range
+        ok = ok and int(fused[2].view(-1, hkv, D)[slots[slots >= 0]].abs().max()) >= 50
+    err = max(_rel_err(a.float(), b.float()) for a, b in zip(fused[1:], ref[1:])
+              if a is not None)
+    return ok, err
+
+
 def run_case(name):
     """Returns (ok, message). Runs in the interpreter subprocess."""
     import torch
 
-    from lmdeploy.turbomind.kernels import activation, paged_attention, rms_norm, rotary, store_kv
+    from lmdeploy.turbomind.kernels import (activation, paged_attention, rms_norm, rotary,
+                                            rotary_store_kv, store_kv)
     from lmdeploy.turbomind.step_input import RowPlan, build_step_input
 
     class K:  # every op's reference and Triton kernel
         pass
-    for mod in (activation, paged_attention, rms_norm, rotary, store_kv):
+    for mod in (activation, paged_attention, rms_norm, rotary, rotary_store_kv, store_kv):
         for attr in dir(mod):
             if attr.endswith(('_ref', '_triton')):
                 setattr(K, attr, getattr(mod, attr))
@@ -193,6 +273,8 @@ def run_case(name):
         if quant:
             ok = ok and torch.equal(qp, qp2) and int(kc.abs().max()) >= 100  # range is used
         err = 0.0 if ok else 1.0
+    elif op == 'rotary_store_kv':
+        ok, err = _check_rotary_store_kv(K, p, rnd, g)
     elif op == 'attn':
         D, hq, hkv, page = p['D'], p['hq'], p['hkv'], p['page']
         rows = p['rows']

@@ -16,7 +16,8 @@ def test_engine_host_reports_phases_and_callers(tmp_path):
     for r in reports:
         assert r['steps'] >= 5 and r['rows_per_step'] == r['rows']
         assert all(r[f'{p}_us'] >= 0 for p in PHASES)
-        assert r['forward_us'] >= 900  # the 1 ms stand-in for the device
+        assert r['step_us'] >= 900  # the 1 ms stand-in for the device
+        assert r['async_schedule'] and r['steps_ahead'] >= r['steps']  # planned ahead
         assert sum(r[f'{p}_us'] for p in PHASES) <= r['step_us'] * 1.01
         assert r['decode_steps'] == r['steps']  # every timed step only decodes
         # one snapshot per step per caller; the counting window is not aligned with the

@@ -8,6 +8,8 @@ Each op file defines ``<op>_ref``, a torch reference that runs anywhere, and may
     rms_norm(x, weight, eps, residual=None) -> out | (out, new_residual)
     rotary_embedding(q, k, positions, rotary_dim, theta) -> (q, k)
     store_kv(k, v, k_cache, v_cache, slot_mapping, kv_qparams=None) -> None
+    rotary_store_kv(q, k, v, positions, rotary_dim, theta, k_cache, v_cache, slot_mapping,
+                    kv_qparams=None) -> q     (rotary_embedding then store_kv, one launch)
     paged_attention(q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, scale,
                     max_q_len=0, max_kv_len=0, kv_qparams=None) -> out
     silu_and_mul(x) -> out
@@ -27,6 +29,7 @@ OPS: Dict[str, str] = {  # op name -> module
     'rms_norm': 'rms_norm',
     'rotary_embedding': 'rotary',
     'store_kv': 'store_kv',
+    'rotary_store_kv': 'rotary_store_kv',
     'paged_attention': 'paged_attention',
     'silu_and_mul': 'activation',
 }
@@ -35,6 +38,7 @@ from .activation import silu_and_mul_ref  # noqa: E402
 from .paged_attention import paged_attention_ref  # noqa: E402
 from .rms_norm import rms_norm_ref  # noqa: E402
 from .rotary import rotary_embedding_ref  # noqa: E402
+from .rotary_store_kv import rotary_store_kv_ref  # noqa: E402
 from .store_kv import store_kv_ref  # noqa: E402
 
 
@@ -78,4 +82,4 @@ def select(device='cpu', impl: str = None) -> Kernels:
 
 
 __all__ = ['OPS', 'Kernels', 'select', 'rms_norm_ref', 'rotary_embedding_ref', 'store_kv_ref',
-           'paged_attention_ref', 'silu_and_mul_ref']
+           'rotary_store_kv_ref', 'paged_attention_ref', 'silu_and_mul_ref']

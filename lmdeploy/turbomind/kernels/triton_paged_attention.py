@@ -412,7 +412,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # rows with q_len != 1 and the prefill kernel's programs of rows with q_len == 1 return
     # at once, so decode rows keep split-K without the host knowing which rows they are.
     mixed = T != B
-    cfg = dict(DECODE_CFG, **INT8_DECODE_CFG.get(mode, {}), **(decode_cfg or {}))
+    cfg = {**DECODE_CFG, **INT8_DECODE_CFG.get(mode, {}), **(decode_cfg or {})}
     block_n = cfg['BLOCK_N']
     if num_splits is None:
         splits, partition = decode_splits(B, hkv, max_kv, q.device, cfg)

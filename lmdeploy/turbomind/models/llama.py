@@ -4,8 +4,9 @@
     per layer:
         x, h  = rms_norm(h, attention_norm, residual)     (fused residual add from layer 2 on)
         qkv   = x @ w_qkv (+ b_qkv)                        [T, (hq + 2 hkv) D], this rank's heads
-        q, k  = rotary_embedding(q, k, positions)          interleaved pairs, theta, rotary_dim
-        store_kv(k, v -> pool[layer], slot_mapping)       (int8 KV: quantised on write)
+        q     = rotary_store_kv(q, k, v -> pool[layer])    rotary (interleaved pairs, theta,
+                                                           rotary_dim) of q, k; store k, v at
+                                                           slot_mapping (int8 KV: quantised)
         o     = paged_attention(q, pool[layer], ...)       [T, hq, D] (int8: dequantised inside)
         h'    = all_reduce(o @ wo) (+ b_o)                 b_o added once, after the reduce
         x, h  = rms_norm(h', ffn_norm, residual=h)
@@ -63,10 +64,10 @@ class LlamaModel:
             q = q.reshape(T, hq, D)
             kk = kk.reshape(T, hkv, D)
             v = v.reshape(T, hkv, D)
-            q, kk = k.rotary_embedding(q, kk, step.positions, self.rotary_dim, self.theta)
             k_cache, v_cache = kv.layer(i)
             qp = kv.qparams(i)  # int8 KV scales (None for float KV)
-            k.store_kv(kk, v, k_cache, v_cache, step.slot_mapping, qp)
+            q = k.rotary_store_kv(q, kk, v, step.positions, self.rotary_dim, self.theta,
+                                  k_cache, v_cache, step.slot_mapping, qp)
             o = k.paged_attention(q, k_cache, v_cache, step.block_table, step.cu_seqlens,
                                   step.kv_lens, self.scale, step.max_q_len, step.max_kv_len, qp)
             h = self.comm.all_reduce(o.reshape(T, hq * D) @ lw.wo)

@@ -1,0 +1,233 @@
+"""Async scheduling (the engine plans step n+1 while step n runs): the pipelined loop must give
+exactly what the synchronous loop gives (greedy and seeded), across multi-turn sessions, stop
+words, cancel, concurrent requests, preemption and chunked prefill (CPU, tiny fixtures)."""
+import random
+import threading
+
+import pytest
+import torch
+
+from lmdeploy.turbomind import TurboMind
+from lmdeploy.turbomind import engine as engine_mod
+from lmdeploy.turbomind.errors import EngineError
+from tests.turbomind.test_engine import (BASE, SAMPLING, Background, Chat, fresh, hf_greedy,
+                                         infer, on_engine, prompt, run_threads, session_tokens)
+
+CONFIGS = {
+    'plain': dict(),
+    # a pool too small for everyone (preemption, eviction) and a small prefill budget (chunks)
+    'tight': dict(max_batch_size=6, block_size=4, num_blocks=30, max_prefill_tokens=8),
+}
+
+
+@pytest.fixture(scope='module')
+def pair(workspace):
+    """`pair(config) -> (async engine, synchronous engine)` on the gqa fixture."""
+    made = {}
+
+    def get(config='plain', variant='gqa'):
+        key = (config, variant)
+        if key not in made:
+            kw = {**BASE, **CONFIGS[config]}
+            made[key] = (TurboMind(workspace(variant), async_schedule=True, **kw),
+                         TurboMind(workspace(variant), async_schedule=False, **kw))
+        return made[key]
+
+    yield get
+    for engines in made.values():
+        for tm in engines:
+            tm.close()
+
+
+def ahead(tm):
+    return on_engine(tm, lambda s: tm.engine.steps_ahead)
+
+
+def test_switch_and_greedy_equals_transformers(pair, hf_model):
+    fast, slow = pair()
+    assert fast.engine.async_schedule and not slow.engine.async_schedule
+    model = hf_model('gqa')
+    before = ahead(fast)
+    for n_prompt, seed in ((7, 1), (20, 2)):
+        ids = prompt(n_prompt, seed)
+        ref = hf_greedy(model, ids, 12)
+        assert fresh(fast, ids, 12) == ref == fresh(slow, ids, 12)
+    assert ahead(fast) - before >= 20  # decode steps were planned ahead
+    assert ahead(slow) == 0
+
+
+@pytest.mark.parametrize('config', list(CONFIGS))
+def test_multi_turn_sessions_equal_synchronous(pair, config):
+    fast, slow = pair(config)
+    chats = [Chat(fast), Chat(slow)]
+    for t in range(4):
+        ids = prompt(9 if t == 0 else 4, 300 + t)[0 if t == 0 else 1:]
+        outs = [c.turn(ids, 5 + t) for c in chats]
+        assert outs[0] == outs[1], f'turn {t}'
+    assert chats[0].history == chats[1].history == session_tokens(fast, chats[0].sid)
+    # the interactive session keeps the same KV length as after synchronous turns
+    infos = [on_engine(tm, lambda s, c=c: s.session_info(c.sid))
+             for tm, c in zip((fast, slow), chats)]
+    if config == 'plain':
+        assert infos[0]['num_cached'] == infos[1]['num_cached'] == len(chats[0].history) - 1
+
+
+def test_stop_words_and_eos_end_turns_like_synchronous(pair):
+    fast, slow = pair()
+    ids = prompt(8, 131)
+    free = fresh(slow, ids, 20, ignore_eos=False, stop_words=[])
+    stop = next(t for i, t in enumerate(free) if i >= 2 and t not in free[:i])
+    chats = [Chat(fast), Chat(slow)]
+    for c in chats:  # the turn ends on the stop word while the next step is already planned
+        assert c.turn(ids, 20, ignore_eos=False, stop_words=[stop])[-1] == stop
+    more = prompt(5, 132)[1:]
+    assert chats[0].turn(more, 6) == chats[1].turn(more, 6)
+    assert session_tokens(fast, chats[0].sid) == session_tokens(slow, chats[1].sid)
+    with TurboMind(fast.model_path, eos_id=stop, **BASE) as eos_tm:  # the same token as EOS
+        assert fresh(eos_tm, ids, 20, ignore_eos=False) == free[:free.index(stop) + 1]
+
+
+def test_seeded_multi_turn_equals_synchronous(pair):
+    """A turn that ends on a stop word drops a draw planned ahead; the session's random stream
+    still continues where the synchronous engine's does."""
+    fast, slow = pair()
+    ids = prompt(6, 93)
+    kw = {**SAMPLING, 'ignore_eos': False}  # (ignore_eos drops the stop words, as in v0.0.2)
+    probe = fresh(slow, ids, 12, random_seed=7, **kw)
+    stop = next(t for i, t in enumerate(probe) if i >= 2 and t not in probe[:i])
+    convs = []
+    for tm in (fast, slow):
+        chat = Chat(tm)
+        convs.append([chat.turn(ids, 12, random_seed=7, stop_words=[stop], **kw),
+                      chat.turn(prompt(4, 94)[1:], 8, **kw)])
+    assert convs[0][0][-1] == stop
+    assert convs[0] == convs[1]
+
+
+@pytest.mark.parametrize('config', list(CONFIGS))
+def test_concurrent_requests_equal_synchronous(pair, config):
+    fast, slow = pair(config)
+    rng = random.Random(11)
+    jobs = [(prompt(rng.randint(2, 30), 400 + i), rng.randint(3, 14), rng.random() < 0.3)
+            for i in range(14)]
+    want = [fresh(slow, ids, n, ignore_eos=not eos) for ids, n, eos in jobs]
+    got = [None] * len(jobs)
+
+    def job(i):
+        def body():
+            ids, n, eos = jobs[i]
+            got[i] = fresh(fast, ids, n, ignore_eos=not eos, stream_output=bool(i % 2))
+        return body
+
+    run_threads([job(i) for i in range(len(jobs))])
+    assert got == want
+    state = on_engine(fast, lambda s: (s.num_running(), s.num_waiting(), s.num_outstanding))
+    assert state == (0, 0, 0)
+    on_engine(fast, lambda s: s.check_invariants())
+
+
+def test_cancel_mid_pipeline(pair):
+    fast, slow = pair()
+    ids = prompt(6, 140)
+    running = Background(fast, ids, 1500)
+    running.wait_tokens(3)
+    fast.create_instance().cancel(running.sid)
+    assert on_engine(fast, lambda s: s.num_running()) == 0  # finished at once
+    partial = running.join()
+    assert 3 <= len(partial) < 1500
+    assert partial == fresh(slow, ids, len(partial))
+    history = session_tokens(fast, running.sid)
+    assert history == ids + partial
+    info = on_engine(fast, lambda s: s.session_info(running.sid))
+    assert info['num_cached'] <= len(history) - 1
+    more = prompt(4, 141)[1:]
+    out = infer(fast, more, 5, sid=running.sid, start=False, step=len(history))
+    assert out == fresh(slow, history + more, 5)
+    on_engine(fast, lambda s: s.check_invariants())
+
+
+def test_repetition_penalty_planned_ahead_equals_transformers(pair, hf_model):
+    """The pending token counts as seen (on the device) in the step planned ahead."""
+    fast, slow = pair('plain', 'llama')
+    model = hf_model('llama')
+    ids = prompt(9, 9)  # plain greedy repeats a token three times after it
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, repetition_penalty=1.5, eos_token_id=2,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    assert ref != hf_greedy(model, ids, 12)  # the penalty matters here
+    before = ahead(fast)
+    assert fresh(fast, ids, 12, repetition_penalty=1.5) == ref
+    assert ahead(fast) - before >= 10
+    kw = dict(repetition_penalty=1.3, random_seed=5, top_k=40, top_p=0.9, temperature=0.9)
+    chats = [Chat(fast), Chat(slow)]
+    for t in range(3):
+        more = prompt(6, 180 + t)[0 if t == 0 else 1:]
+        assert chats[0].turn(more, 10, **kw) == chats[1].turn(more, 10, **kw), f'turn {t}'
+
+
+def test_logits_requests_run_synchronously_beside_others(pair):
+    fast, slow = pair()
+    others = [Background(fast, prompt(5 + i, 150 + i), 60, repetition_penalty=1.2)
+              for i in range(2)]
+    for o in others:
+        o.wait_tokens(1)
+    logits = fast.create_instance().decode([prompt(7, 83)])
+    assert (logits - slow.create_instance().decode([prompt(7, 83)])).abs().max() < 1e-4
+    for i, o in enumerate(others):
+        assert o.join() == fresh(slow, prompt(5 + i, 150 + i), 60, repetition_penalty=1.2)
+    assert on_engine(fast, lambda s: fast.engine._num_sync_only) == 0
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(pair, monkeypatch):
+    fast, slow = pair()
+    ids = prompt(6, 160)
+    expected = fresh(slow, ids, 6)
+    runner = fast.engine.runner
+    calls, real_run = [0], runner.run
+
+    def flaky_run(step):  # a launch planned ahead fails
+        calls[0] += 1
+        if step.prev_tokens is not None and calls[0] % 5 == 0:
+            raise RuntimeError('injected launch failure')
+        return real_run(step)
+
+    monkeypatch.setattr(runner, 'run', flaky_run)
+    with pytest.raises(EngineError, match='injected launch failure'):
+        fresh(fast, ids, 40)
+    monkeypatch.setattr(runner, 'run', real_run)
+    assert fresh(fast, ids, 6) == expected
+    # the wait for a step's tokens fails: that step and the one planned after it fail
+    real_wait, waits = engine_mod._Launched.wait, [0]
+
+    def flaky_wait(self):
+        waits[0] += 1
+        if waits[0] == 4:
+            raise RuntimeError('injected sync failure')
+        return real_wait(self)
+
+    monkeypatch.setattr(engine_mod._Launched, 'wait', flaky_wait)
+    with pytest.raises(EngineError, match='injected sync failure'):
+        fresh(fast, ids, 40)
+    monkeypatch.setattr(engine_mod._Launched, 'wait', real_wait)
+    assert fresh(fast, ids, 6) == expected
+    on_engine(fast, lambda s: s.check_invariants())
+    assert on_engine(fast, lambda s: s.num_outstanding) == 0
+
+
+def test_idle_busy_transitions_deliver_every_notification(pair):
+    """Short requests arriving one after another: each caller is woken with its final state
+    (none is left waiting for a step that never comes)."""
+    fast, slow = pair()
+    expected = [fresh(slow, prompt(3 + i % 4, 170 + i), 1 + i % 3) for i in range(12)]
+    for i in range(12):
+        done = threading.Event()
+        out = []
+
+        def body(i=i):
+            out.append(fresh(fast, prompt(3 + i % 4, 170 + i), 1 + i % 3))
+            done.set()
+
+        threading.Thread(target=body).start()
+        assert done.wait(30), f'request {i} was not woken'
+        assert out[0] == expected[i]
