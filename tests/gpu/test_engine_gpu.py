@@ -48,3 +48,27 @@ def test_minichat_answers_on_gpu(tmp_path, dtype):
             out = greedy(tm, ids, n=48)
             out = out[:next((i for i, t in enumerate(out) if t in stop), len(out))]
             assert tm.tokenizer.decode(out) == answer_for(q)
+
+
+@pytest.mark.parametrize('variant', ['gqa', 'head128'])
+def test_fresh_prompts_through_sdpa_equal_paged_attention(workspace, variant):
+    """A step of one fresh prompt takes the dense path (rotary, store_kv, torch SDPA over the
+    new tokens) on CUDA; greedy tokens equal the paged-attention path's and the CPU's, and the
+    KV it stored serves the decode steps after it."""
+    from lmdeploy.turbomind import TurboMind
+    ws = workspace(variant)
+    with TurboMind(ws, device='cpu', dtype='fp32') as cpu, \
+            TurboMind(ws, device='cuda', dtype='fp32', block_size=16, cuda_graph=False) as gpu:
+        model = gpu.engine.runner.model
+        assert model.dense_prompts
+        calls = []
+        dense = model.k.prompt_attention
+        model.k.prompt_attention = lambda *a: calls.append(1) or dense(*a)
+        try:
+            got = [greedy(gpu, p) for p in PROMPTS]
+            assert len(calls) == len(PROMPTS) * gpu.config.num_layer
+            gpu.engine.call(lambda: setattr(model, 'dense_prompts', False))
+            paged = [greedy(gpu, p) for p in PROMPTS]
+        finally:
+            model.k.prompt_attention = dense
+        assert got == paged == [greedy(cpu, p) for p in PROMPTS]

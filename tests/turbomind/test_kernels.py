@@ -198,3 +198,24 @@ def test_paged_attention_matches_sdpa_on_a_prompt():
         q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1),
         v.repeat_interleave(2, 1).transpose(0, 1), is_causal=True).transpose(0, 1)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('hq,hkv', [(4, 2), (4, 4)])
+def test_prompt_attention_is_paged_attention_of_a_fresh_prompt(hq, hkv):
+    """prompt_attention's contract: paged_attention of one row with no cached prefix, K/V
+    taken from strided views of a qkv buffer; its CUDA variant (SDPA) agrees on CPU too."""
+    from lmdeploy.turbomind.kernels.prompt_attention import (prompt_attention_cuda,
+                                                             prompt_attention_ref)
+    g = torch.Generator().manual_seed(7)
+    T, D, bs = 13, 16, 4
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, generator=g)
+    q, k, v = (x.view(T, -1, D) for x in qkv.split([hq * D, hkv * D, hkv * D], dim=-1))
+    kc, vc = torch.zeros(8, bs, hkv, D), torch.zeros(8, bs, hkv, D)
+    step = build_step_input([RowPlan(list(range(T)), 0, [6, 1, 3, 0], 'all')], bs)
+    store_kv_ref(k, v, kc, vc, step.slot_mapping)
+    want = paged_attention_ref(q, kc, vc, step.block_table, step.cu_seqlens, step.kv_lens,
+                               D ** -0.5)
+    torch.testing.assert_close(prompt_attention_ref(q, k, v, D ** -0.5), want, atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(prompt_attention_cuda(q, k, v, D ** -0.5), want, atol=1e-5,
+                               rtol=1e-5)

@@ -356,12 +356,14 @@ def test_triton_kernel_matches_reference(interp_results, case):
     assert r['ok'], f"{case}: {r['msg']}"
 
 
-def test_every_op_exports_triton():
+def test_every_op_exports_a_device_kernel():
+    """Every op has a Triton kernel, or a CUDA library one (`<op>_cuda`)."""
     pytest.importorskip('triton')
     from lmdeploy.turbomind import kernels
     for op, module in kernels.OPS.items():
         mod = importlib.import_module(f'lmdeploy.turbomind.kernels.{module}')
-        assert callable(getattr(mod, f'{op}_triton', None)), f'{module}.py lacks {op}_triton'
+        fn = getattr(mod, f'{op}_triton', None) or getattr(mod, f'{op}_cuda', None)
+        assert callable(fn), f'{module}.py lacks {op}_triton / {op}_cuda'
 
 
 if __name__ == '__main__':

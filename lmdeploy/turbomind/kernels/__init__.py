@@ -2,7 +2,8 @@
 implementation for a device.
 
 Each op file defines ``<op>_ref``, a torch reference that runs anywhere, and may define
-``<op>_triton`` with the same signature (the GPU issue adds those). ``select(device)`` returns a
+``<op>_triton`` with the same signature (the GPU issue adds those), or ``<op>_cuda`` where a
+CUDA library kernel does the job (torch's fused SDPA for `prompt_attention`). ``select(device)`` returns a
 `Kernels` object whose attributes are the chosen functions:
 
     rms_norm(x, weight, eps, residual=None) -> out | (out, new_residual)
@@ -13,8 +14,10 @@ Each op file defines ``<op>_ref``, a torch reference that runs anywhere, and may
     paged_attention(q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, scale,
                     max_q_len=0, max_kv_len=0, kv_qparams=None) -> out
     silu_and_mul(x) -> out
+    prompt_attention(q, k, v, scale) -> out    (one fresh prompt, causal over its own tokens)
 
-Choice: the Triton version on CUDA when it exists and triton imports; the reference otherwise.
+Choice: the Triton version on CUDA when it exists and triton imports, else the CUDA one on
+CUDA; the reference otherwise.
 ``LMDEPLOY_KERNELS=reference`` (or ``select(device, impl='reference')``) forces the references,
 e.g. to check a Triton kernel against its reference inside the full model.
 kv_qparams: int8 KV cache parameters (None for a float cache), see kv_quant.py.
@@ -32,10 +35,12 @@ OPS: Dict[str, str] = {  # op name -> module
     'rotary_store_kv': 'rotary_store_kv',
     'paged_attention': 'paged_attention',
     'silu_and_mul': 'activation',
+    'prompt_attention': 'prompt_attention',
 }
 
 from .activation import silu_and_mul_ref  # noqa: E402
 from .paged_attention import paged_attention_ref  # noqa: E402
+from .prompt_attention import prompt_attention_ref  # noqa: E402
 from .rms_norm import rms_norm_ref  # noqa: E402
 from .rotary import rotary_embedding_ref  # noqa: E402
 from .rotary_store_kv import rotary_store_kv_ref  # noqa: E402
@@ -73,13 +78,18 @@ def select(device='cpu', impl: str = None) -> Kernels:
     fns, chosen = {}, {}
     for op, module in OPS.items():
         mod = importlib.import_module(f'{__name__}.{module}')
-        fn = getattr(mod, f'{op}_triton', None) if want_triton else None
-        if fn is None and impl == 'triton':
+        kind = 'ref'
+        if want_triton and hasattr(mod, f'{op}_triton'):
+            kind = 'triton'
+        elif device.type == 'cuda' and impl != 'reference' and hasattr(mod, f'{op}_cuda'):
+            kind = 'cuda'
+        elif impl == 'triton' and not hasattr(mod, f'{op}_cuda'):
             raise RuntimeError(f'no Triton implementation of {op} (kernels/{module}.py)')
-        fns[op] = fn if fn is not None else getattr(mod, f'{op}_ref')
-        chosen[op] = 'triton' if fn is not None else 'ref'
+        fns[op] = getattr(mod, f'{op}_{kind}')
+        chosen[op] = kind
     return Kernels(fns, chosen)
 
 
 __all__ = ['OPS', 'Kernels', 'select', 'rms_norm_ref', 'rotary_embedding_ref', 'store_kv_ref',
-           'rotary_store_kv_ref', 'paged_attention_ref', 'silu_and_mul_ref']
+           'rotary_store_kv_ref', 'paged_attention_ref', 'silu_and_mul_ref',
+           'prompt_attention_ref']

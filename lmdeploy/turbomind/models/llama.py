@@ -8,6 +8,8 @@
                                                            rotary_dim) of q, k; store k, v at
                                                            slot_mapping (int8 KV: quantised)
         o     = paged_attention(q, pool[layer], ...)       [T, hq, D] (int8: dequantised inside)
+                (one fresh prompt, on CUDA: rotary, store_kv, then prompt_attention(q, k, v),
+                 torch's fused SDPA over the new tokens; kernels/prompt_attention.py)
         h'    = all_reduce(o @ wo) (+ b_o)                 b_o added once, after the reduce
         x, h  = rms_norm(h', ffn_norm, residual=h)
         h'    = all_reduce(silu_and_mul(x @ w13) @ w2)
@@ -44,11 +46,16 @@ class LlamaModel:
         self.theta = cfg.rope_theta
         self.eps = cfg.norm_eps
         self.comm = comm or SingleRank()
+        self.dense_prompts = getattr(kernels, 'impl', {}).get('prompt_attention') == 'cuda'
 
     def forward(self, step: StepInput, kv: KVCache) -> torch.Tensor:
         k, w = self.k, self.w
         D, hq, hkv = self.head_dim, self.hq, self.hkv
         T = step.num_tokens
+        # One prompt without a cached prefix (host-known: one row whose kv_len is T), float KV:
+        # dense causal attention over its own K/V when the device has a faster kernel for it.
+        fresh_prompt = (self.dense_prompts and step.batch_size == 1 and T > 1
+                        and step.max_kv_len == T and kv.qparams(0) is None)
         h = F.embedding(step.token_ids(), w.tok_embeddings)
         residual = None
         for i, lw in enumerate(w.layers):
@@ -66,10 +73,16 @@ class LlamaModel:
             v = v.reshape(T, hkv, D)
             k_cache, v_cache = kv.layer(i)
             qp = kv.qparams(i)  # int8 KV scales (None for float KV)
-            q = k.rotary_store_kv(q, kk, v, step.positions, self.rotary_dim, self.theta,
-                                  k_cache, v_cache, step.slot_mapping, qp)
-            o = k.paged_attention(q, k_cache, v_cache, step.block_table, step.cu_seqlens,
-                                  step.kv_lens, self.scale, step.max_q_len, step.max_kv_len, qp)
+            if fresh_prompt:
+                q, kk = k.rotary_embedding(q, kk, step.positions, self.rotary_dim, self.theta)
+                k.store_kv(kk, v, k_cache, v_cache, step.slot_mapping, qp)
+                o = k.prompt_attention(q, kk, v, self.scale)
+            else:
+                q = k.rotary_store_kv(q, kk, v, step.positions, self.rotary_dim, self.theta,
+                                      k_cache, v_cache, step.slot_mapping, qp)
+                o = k.paged_attention(q, k_cache, v_cache, step.block_table, step.cu_seqlens,
+                                      step.kv_lens, self.scale, step.max_q_len,
+                                      step.max_kv_len, qp)
             h = self.comm.all_reduce(o.reshape(T, hq * D) @ lw.wo)
             if lw.b_o is not None:
                 h = h + lw.b_o
