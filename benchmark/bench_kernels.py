@@ -182,7 +182,10 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
                       dict(BLOCK_N=16, num_warps=2, num_stages=2),
                       dict(use_dot=False, BLOCK_N=32, num_warps=4, num_stages=2),
                       dict(use_dot=False, BLOCK_N=64, num_warps=4, num_stages=3),
-                      dict(waves=8), dict(waves=1)]
+                      dict(waves=8), dict(waves=1),
+                      # shorter partitions: more programs for one row's long context
+                      dict(min_partition=128), dict(min_partition=64),
+                      dict(min_partition=128, waves=8), dict(min_partition=128, num_stages=2)]
         results = []
         for c in cands:
             f = lambda c=c: tpa.paged_attention_triton(*args, kv_qparams=qp,  # noqa: E731

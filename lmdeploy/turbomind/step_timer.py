@@ -9,6 +9,12 @@ previous mark goes to `phase`) and `end(rows, decode_only)` when the step is ove
 only decode (CUDA-graph steps on GPU) and mixed ones (prefill chunks too) are also counted
 apart. Wall time, so a phase that waits (the device, the GIL) shows that wait; `cpu_us` (this
 thread's CPU time) tells the two apart (a CUDA sync spins, so on GPU it counts as CPU).
+
+Phases of the engine (engine.py): jit_wait (waiting, commands running, to plan the next step
+just in time), schedule, step_input, sample_prep, forward, sample, wake, sync (the wait for the
+outstanding step's tokens), update, dispatch. `count(name)` counts events (the engine's
+'jit_waits', and 'jit_misses': waits after which the device had finished before the next step
+was queued); the report has their totals.
 """
 from __future__ import annotations
 
@@ -28,7 +34,11 @@ class StepTimer:
         self.wall = 0.0
         self.cpu = 0.0
         self.kinds: Dict[str, list] = {'decode': [0, 0.0], 'mixed': [0, 0.0]}  # [steps, wall]
-        self._t = self._t0 = self._c0 = 0.0
+        self.counts: Dict[str, int] = {}
+        # a step under way (reset runs as a command, maybe while the loop waits inside a step)
+        # is counted from now
+        self._t = self._t0 = time.perf_counter()
+        self._c0 = time.thread_time()
 
     def begin(self):
         self._t = self._t0 = time.perf_counter()
@@ -38,6 +48,9 @@ class StepTimer:
         now = time.perf_counter()
         self.totals[phase] = self.totals.get(phase, 0.0) + (now - self._t)
         self._t = now
+
+    def count(self, name: str):
+        self.counts[name] = self.counts.get(name, 0) + 1
 
     def end(self, rows: int, decode_only: bool = True):
         wall = time.perf_counter() - self._t0
@@ -51,7 +64,7 @@ class StepTimer:
 
     def report(self) -> Dict[str, float]:
         """Per step: {'steps', 'rows_per_step', 'step_us', 'cpu_us', '<phase>_us', ...,
-        'decode_steps', 'decode_step_us', 'mixed_steps', 'mixed_step_us'}."""
+        'decode_steps', 'decode_step_us', 'mixed_steps', 'mixed_step_us', '<count>': total}."""
         n = max(1, self.steps)
         out = {'steps': self.steps, 'rows_per_step': self.rows / n,
                'step_us': self.wall / n * 1e6, 'cpu_us': self.cpu / n * 1e6}
@@ -60,4 +73,5 @@ class StepTimer:
         for kind, (steps, wall) in self.kinds.items():
             out[f'{kind}_steps'] = steps
             out[f'{kind}_step_us'] = wall / max(1, steps) * 1e6
+        out.update(self.counts)
         return out

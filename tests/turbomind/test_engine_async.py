@@ -1,9 +1,12 @@
 """Async scheduling (the engine plans step n+1 while step n runs): the pipelined loop must give
 exactly what the synchronous loop gives (greedy and seeded), across multi-turn sessions, stop
 words, cancel, concurrent requests, preemption and chunked prefill (CPU, tiny fixtures)."""
+import collections
 import random
 import threading
+import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -231,3 +234,215 @@ def test_idle_busy_transitions_deliver_every_notification(pair):
         threading.Thread(target=body).start()
         assert done.wait(30), f'request {i} was not woken'
         assert out[0] == expected[i]
+
+
+# ------------------------------------------------------------------------------------------
+# Just in time: while step n runs, the loop admits arrivals and plans n+1 shortly before n ends.
+# A slow stand-in device (benchmark/profile_engine_host.py): run() returns at once and the wait
+# for a step's tokens sleeps until the simulated device is done with it.
+
+DEVICE_MS = 20
+
+
+def _stand_in(schedule):
+    """An engine over the ready-made-logits runner on a 20 ms stand-in device; `steps` gets
+    (device end, mixed) per launched step."""
+    from benchmark.profile_engine_host import build
+    _, engine = build(4, 0, 64, 'cpu', DEVICE_MS, schedule, out_len=400)
+    runner, steps, real_run = engine.runner, [], engine.runner.run
+
+    def run(step):
+        out = real_run(step)
+        steps.append((runner.ready_at[-1], step.input_ids.numel() > step.num_decode))
+        return out
+
+    runner.run = run
+    return engine, steps
+
+
+def _submit(engine, sid, n, cond):
+    from lmdeploy.turbomind.sampling import SamplingParams
+    request = engine_mod.Request(sid, SamplingParams(top_k=1), cond)
+    ids = [3 + (sid * 7 + i) % 50 for i in range(8)]  # the stand-in's vocabulary is 64
+    engine.submit(request, input_ids=ids, request_output_len=n, sequence_end=True,
+                  end_id=-1, ignore_eos=True)
+    return request
+
+
+def _wait_for(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, 'timed out'
+        time.sleep(0.005)
+
+
+def _steps_to_admission(schedule):
+    """Submit a request just after step n started on the device (while the loop waits to plan
+    n+1, with jit); returns (the step that prefills it) - n."""
+    from benchmark.profile_engine_host import simulated_device
+    engine, steps = _stand_in(schedule)
+    try:
+        with simulated_device(engine.runner):
+            cond = engine_mod.Wakeup()
+            _submit(engine, 1, 300, cond)
+            _wait_for(lambda: len(steps) >= 12)
+            for _ in range(20):
+                cond.wait(0)  # drop a pending notification: the next one is fresh
+                waits = engine.jit_waits
+                assert cond.wait(5)
+                # with jit the callers are woken as the wait to plan starts (right after the
+                # previous step's tokens came, as step n starts); otherwise after n+1's launch
+                if schedule != 'jit' or engine.jit_waits > waits:
+                    break
+            else:
+                pytest.fail('the loop never waited to plan just in time')
+            submitted = time.perf_counter()
+            done = engine_mod.Wakeup()
+            probe = _submit(engine, 2, 2, done)
+            _wait_for(lambda: probe.finished)
+            assert probe.error is None and len(probe.output_ids) == 2
+        n = next(i for i, (end, _) in enumerate(steps)
+                 if end - DEVICE_MS / 1000 <= submitted < end)
+        return next(i for i, (_, mixed) in enumerate(steps) if i > n and mixed) - n
+    finally:
+        engine.call(lambda: engine.scheduler.cancel(1, False))
+        engine.close()
+
+
+def test_jit_admits_a_request_arriving_during_step_n_into_step_n_plus_1():
+    assert _steps_to_admission('jit') == 1
+    assert _steps_to_admission('ahead') == 2  # planned ahead at once: n+1 was planned already
+
+
+def test_jit_never_waits_while_idle_or_without_an_estimate(monkeypatch):
+    from benchmark.profile_engine_host import simulated_device
+    calls = []
+    real_delay = engine_mod._Pacer.delay
+
+    def delay(self, running, now):
+        result = real_delay(self, running, now)
+        calls.append((running.start is not None, bool(self.device.get(running.key)), result))
+        return result
+
+    monkeypatch.setattr(engine_mod._Pacer, 'delay', delay)
+    engine, steps = _stand_in('jit')
+    try:
+        with simulated_device(engine.runner):
+            done = engine_mod.Wakeup()
+            submitted = time.perf_counter()
+            request = _submit(engine, 1, 8, done)
+            _wait_for(lambda: len(request.output_ids) >= 1)
+            # from idle: the first step is launched at once and its token is the next one seen
+            assert time.perf_counter() - submitted < 1.5 * DEVICE_MS / 1000
+            _wait_for(lambda: request.finished)
+            assert calls and calls[0][:2] == (False, False)  # step 1 ran from idle
+            assert all(result is None for known, sampled, result in calls
+                       if not (known and sampled))
+            assert engine.jit_waits == sum(result is not None for *_, result in calls) > 0
+            # idle: no step, no wait, no estimate asked for
+            before = (len(steps), len(calls), engine.jit_waits)
+            time.sleep(0.2)
+            assert (len(steps), len(calls), engine.jit_waits) == before
+            # and out of idle again: the first token after one step, no wait
+            submitted = time.perf_counter()
+            request = _submit(engine, 2, 1, engine_mod.Wakeup())
+            _wait_for(lambda: request.finished)
+            assert request.stamps[0][0] - submitted < 1.5 * DEVICE_MS / 1000
+    finally:
+        engine.close()
+
+
+def test_pacer_estimates_lean_safe():
+    pacer = engine_mod._Pacer()
+    running = engine_mod._Launched(1, np.zeros(0, np.int32), key=('decode', 4), start=10.0)
+    assert pacer.delay(running, 10.0) is None  # no device estimate yet
+    pacer.add_device(('decode', 4), 0.010)
+    assert pacer.delay(running, 10.0) is None  # no host estimate yet
+    pacer.add_host(0.001)
+    assert pacer.delay(running, 10.0) == pytest.approx(0.010 - 0.001 - pacer.MARGIN)
+    pacer.add_device(('decode', 4), 0.012)  # the shortest recent duration, the longest host
+    pacer.add_host(0.002)
+    assert pacer.delay(running, 10.0) == pytest.approx(0.010 - 0.002 - pacer.MARGIN)
+    assert pacer.delay(running, 10.0075) is None  # too little left to be worth a wait
+    running.start = None
+    assert pacer.delay(running, 10.0) is None  # the running step's start is unknown
+    running.start, running.key = 10.0, ('decode', 8)
+    assert pacer.delay(running, 10.0) is None  # no estimate for this kind of step
+    pacer.add_device(('decode', 8), 1.0)
+    pacer.host.clear()
+    pacer.add_host(0.0)
+    assert pacer.delay(running, 10.0) == pytest.approx(0.9)  # capped at 0.9 x the estimate
+    pacer.miss()
+    assert pacer.extra > 0 and pacer.delay(running, 10.0) < 1.0 - pacer.MARGIN
+    assert [engine_mod._bucket(n) for n in (1, 2, 3, 4, 5, 64, 65)] == [1, 2, 4, 4, 8, 64, 128]
+
+
+class SlowDevice:
+    """The real forward behind a device that takes `ms` per step: it runs on the host inside
+    run() (the CPU path is synchronous) and its tokens are handed over only once the simulated
+    device is done (`wait_step`, the token wait; see profile_engine_host.simulated_device)."""
+
+    def __init__(self, runner, ms):
+        self.real_run, self.ms = runner.run, ms
+        self.busy_until = 0.0
+        self.ready_at = collections.deque()
+
+    def run(self, step):
+        self.busy_until = max(time.perf_counter(), self.busy_until) + self.ms / 1000
+        self.ready_at.append(self.busy_until)
+        return self.real_run(step)
+
+    def wait_step(self):
+        delay = self.ready_at.popleft() - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+
+
+@pytest.mark.parametrize('config', list(CONFIGS))
+def test_just_in_time_arrivals_equal_synchronous(pair, config, monkeypatch):
+    """Staggered arrivals admitted while a step runs (the loop waits to plan the next one):
+    every output is still the synchronous engine's."""
+    from benchmark.profile_engine_host import simulated_device
+    fast, slow = pair(config)
+    rng = random.Random(23)
+    jobs = [(prompt(rng.randint(2, 24), 500 + i), rng.randint(3, 12), rng.random() * 0.3)
+            for i in range(8)]
+    want = [fresh(slow, ids, n) for ids, n, _ in jobs]
+    got = [None] * len(jobs)
+    device = SlowDevice(fast.engine.runner, 25)
+    monkeypatch.setattr(fast.engine.runner, 'run', device.run)
+    monkeypatch.setattr(fast.engine, 'jit_schedule', True)
+    waits = fast.engine.jit_waits
+
+    def job(i):
+        def body():
+            ids, n, at = jobs[i]
+            time.sleep(at)
+            got[i] = fresh(fast, ids, n, stream_output=bool(i % 2))
+        return body
+
+    with simulated_device(device):
+        fresh(fast, prompt(6, 499), 24)  # settle the estimates
+        run_threads([job(i) for i in range(len(jobs))])
+    assert got == want
+    assert fast.engine.jit_waits > waits
+    assert on_engine(fast, lambda s: (s.num_running(), s.num_waiting(), s.num_outstanding)) == (
+        0, 0, 0)
+    on_engine(fast, lambda s: s.check_invariants())
+
+
+def test_close_while_waiting_to_plan_hands_over_and_fails_the_rest():
+    from benchmark.profile_engine_host import simulated_device
+    engine, steps = _stand_in('jit')
+    with simulated_device(engine.runner):
+        request = _submit(engine, 1, 300, engine_mod.Wakeup())
+        _wait_for(lambda: engine.jit_waits >= 3)
+        engine.close()  # most of a step is the wait to plan the next one
+    assert not engine._thread.is_alive()
+    assert request.finished and isinstance(request.error, EngineError)
+    assert 'closed' in str(request.error)
+    # the step on the device was the last one launched; its tokens were handed over before
+    # the request failed
+    assert len(request.output_ids) == len(steps)
+    with pytest.raises(EngineError):
+        _submit(engine, 2, 1, engine_mod.Wakeup())

@@ -3,8 +3,8 @@ import json
 
 from benchmark import profile_engine_host, profile_throughput
 
-PHASES = ('schedule', 'step_input', 'sample_prep', 'forward', 'sample', 'wake', 'sync', 'update',
-          'dispatch')
+PHASES = ('jit_wait', 'schedule', 'step_input', 'sample_prep', 'forward', 'sample', 'wake', 'sync',
+          'update', 'dispatch')
 
 
 def test_engine_host_reports_phases_and_callers(tmp_path):
@@ -23,6 +23,25 @@ def test_engine_host_reports_phases_and_callers(tmp_path):
         # one snapshot per step per caller; the counting window is not aligned with the
         # timed steps, so over 5 steps a caller catching up may add one or two
         assert 0 < r['client_wakeups_per_step'] <= 2 * r['rows']
+
+
+def test_engine_host_arrivals_ttft_by_schedule(tmp_path):
+    """Poisson arrivals beside decoding rows on a 10 ms stand-in device: planned ahead at once,
+    an arrival waits a whole extra step; just in time it makes the next step, and the device
+    still does not wait for the host (as it does in synchronous steps)."""
+    out = tmp_path / 'arrivals.json'
+    profile_engine_host.main(['--arrival_rate', '40', '--requests', '16', '--rows', '2',
+                              '--vocab', '64', '--device_ms', '10', '--arrival_len', '4',
+                              '--out', str(out)])
+    reports = {r['schedule']: r for r in json.loads(out.read_text())}
+    assert set(reports) == {'sync', 'ahead', 'jit'}
+    for r in reports.values():
+        assert r['requests'] == 16 and r['steps'] > 0 and r['steps_per_s'] > 0
+        assert 10 <= r['ttft_ms_p50'] <= r['ttft_ms_p99']  # at least the prefill step
+    jit, ahead, sync = reports['jit'], reports['ahead'], reports['sync']
+    assert jit['jit_waits'] > 0 and ahead['jit_waits'] == sync['jit_waits'] == 0
+    assert jit['ttft_ms_p50'] < ahead['ttft_ms_p50'] - 4
+    assert jit['device_idle_us_per_step'] < 0.5 * sync['device_idle_us_per_step']
 
 
 def test_throughput_stamps_equal_streamed_counts(tmp_path):

@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_quant import ONLINE, STATIC, qparams_mode
 from .triton_rotary import _inv_freq
-from .triton_store_kv import _slot_ptrs, _store_int8, store_kv_triton
+from .triton_store_kv import _slot_ptrs, _store_int8, int8_launch_args, store_kv_triton
 
 MAX_TILE = 4096  # elements of one program's [heads, head_dim] tile by default
 
@@ -116,15 +115,7 @@ def rotary_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     assert rotary_dim % 2 == 0 and rotary_dim <= D
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    mode = qparams_mode(kv_qparams)
-    quant = {None: 0, STATIC: 1, ONLINE: 2}[mode]
-    qp = kv_qparams if mode is not None else k_cache
-    if mode is not None:
-        assert kv_qparams.dtype == torch.float32 and kv_qparams.is_contiguous()
-        assert k_cache.dtype == torch.int8 and v_cache.dtype == torch.int8
-    # as in store_kv_triton: static, V's (scale, zp) are row pair 1; online, V's scales start
-    # stride(0) further
-    qp_strides = kv_qparams.stride()[:3] if mode == ONLINE else (int(mode == STATIC), 0, 0)
+    quant, qp, qp_strides = int8_launch_args(kv_qparams, k_cache, v_cache)
     block_d = triton.next_power_of_2(D)
     cap = max(1, MAX_TILE // block_d)
     c = dict(BLOCK_HQ=min(triton.next_power_of_2(hq), cap),

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_quant import MIN_SCALE, ONLINE, QMAX, QMIN, STATIC, qparams_mode
+from .kv_quant import MIN_SCALE, ONLINE, QMAX, QMIN, qparams_mode
 
 _QMIN = tl.constexpr(float(QMIN))
 _QMAX = tl.constexpr(float(QMAX))
@@ -84,6 +84,20 @@ def _store_kv_kernel(K, V, KC, VC, SLOTS, QP, stride_kt, stride_kh, stride_vt, s
                     QUANT)
 
 
+def int8_launch_args(kv_qparams, k_cache, v_cache):
+    """(QUANT, QP pointer, (qp_v, stride_qpb, stride_qph)) of a store into the pool: QUANT 0
+    for a float cache (QP is a dummy pointer), 1 static, 2 online. Static: V's (scale, zp)
+    are row pair 1 of QP; online: V's scales start stride(0) further."""
+    mode = qparams_mode(kv_qparams)
+    if mode is None:
+        return 0, k_cache, (0, 0, 0)
+    assert kv_qparams.dtype == torch.float32 and kv_qparams.is_contiguous()
+    assert k_cache.dtype == torch.int8 and v_cache.dtype == torch.int8
+    if mode == ONLINE:
+        return 2, kv_qparams, tuple(kv_qparams.stride()[:3])
+    return 1, kv_qparams, (1, 0, 0)
+
+
 def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, slot_mapping: torch.Tensor,
                     kv_qparams: torch.Tensor = None) -> None:
@@ -92,14 +106,7 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
         return
     assert k.stride(-1) == 1 and v.stride(-1) == 1
     assert k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    mode = qparams_mode(kv_qparams)
-    quant = {None: 0, STATIC: 1, ONLINE: 2}[mode]
-    qp = kv_qparams if mode is not None else k_cache
-    if mode is not None:
-        assert kv_qparams.dtype == torch.float32 and kv_qparams.is_contiguous()
-        assert k_cache.dtype == torch.int8 and v_cache.dtype == torch.int8
-    # static: V's (scale, zp) are row pair 1; online: V's scales start stride(0) further
-    qp_strides = kv_qparams.stride()[:3] if mode == ONLINE else (int(mode == STATIC), 0, 0)
+    quant, qp, qp_strides = int8_launch_args(kv_qparams, k_cache, v_cache)
     block_h = triton.next_power_of_2(hkv)
     block_d = triton.next_power_of_2(D)
     _store_kv_kernel[(T,)](

@@ -8,8 +8,8 @@
                                                            rotary_dim) of q, k; store k, v at
                                                            slot_mapping (int8 KV: quantised)
         o     = paged_attention(q, pool[layer], ...)       [T, hq, D] (int8: dequantised inside)
-                (one fresh prompt, on CUDA: rotary, store_kv, then prompt_attention(q, k, v),
-                 torch's fused SDPA over the new tokens; kernels/prompt_attention.py)
+                (one fresh prompt over 512 tokens, on CUDA: rotary, store_kv, then
+                 prompt_attention(q, k, v), torch's SDPA; kernels/prompt_attention.py)
         h'    = all_reduce(o @ wo) (+ b_o)                 b_o added once, after the reduce
         x, h  = rms_norm(h', ffn_norm, residual=h)
         h'    = all_reduce(silu_and_mul(x @ w13) @ w2)
@@ -29,6 +29,13 @@ from ..distributed import SingleRank
 from ..kv_cache import KVCache
 from ..step_input import StepInput
 from ..weights import ModelWeights
+
+
+# Fresh prompts at least this long take the dense attention path: longer than any prompt CUDA
+# graph (cuda_graph.prompt_buckets, up to 512 tokens), so such a prompt runs the same kernels
+# with graphs on and off; below it the Triton paged kernel is fast enough (at 2048 tokens
+# cuDNN SDPA takes 89 us per layer against its 139 on the H100).
+DENSE_PROMPT_MIN_TOKENS = 513
 
 
 class LlamaModel:
@@ -52,10 +59,12 @@ class LlamaModel:
         k, w = self.k, self.w
         D, hq, hkv = self.head_dim, self.hq, self.hkv
         T = step.num_tokens
-        # One prompt without a cached prefix (host-known: one row whose kv_len is T), float KV:
-        # dense causal attention over its own K/V when the device has a faster kernel for it.
-        fresh_prompt = (self.dense_prompts and step.batch_size == 1 and T > 1
-                        and step.max_kv_len == T and kv.qparams(0) is None)
+        # One long prompt without a cached prefix (host-known: one row whose kv_len is T),
+        # float KV: dense causal attention over its own K/V when the device has a faster
+        # kernel for it.
+        fresh_prompt = (self.dense_prompts and step.batch_size == 1
+                        and T >= DENSE_PROMPT_MIN_TOKENS and step.max_kv_len == T
+                        and kv.qparams(0) is None)
         h = F.embedding(step.token_ids(), w.tok_embeddings)
         residual = None
         for i, lw in enumerate(w.layers):
