@@ -153,6 +153,17 @@ def output_len(steps: int) -> int:
 SCHEDULES = ('sync', 'ahead', 'jit')
 
 
+
+def _stop(engine, rows: int, threads, errors):
+    """End the background requests (sessions 1..rows), join their threads, close the engine
+    and re-raise the first error a thread hit."""
+    engine.call(lambda: [engine.scheduler.cancel(i + 1, False) for i in range(rows)])
+    for th in threads:
+        th.join()
+    engine.close()
+    if errors:
+        raise errors[0]
+
 def build(rows: int, steps: int, vocab: int, device: str, device_ms: float,
           schedule: str = 'jit', out_len: int = 0):
     """An engine over the stand-in runner for `rows` rows of up to `out_len` tokens out
@@ -257,12 +268,7 @@ def measure_arrivals(rate: float, requests: int, rows: int, vocab: int, device: 
         jit_waits, jit_misses = engine.jit_waits - jit0[0], engine.jit_misses - jit0[1]
         engine.timer = None
         decoding = engine.call(lambda: engine.scheduler.num_running())
-        engine.call(lambda: [engine.scheduler.cancel(i + 1, False) for i in range(rows)])
-        for th in background:
-            th.join()
-    engine.close()
-    if errors:
-        raise errors[0]
+        _stop(engine, rows, background, errors)
     if decoding < rows:
         raise RuntimeError('the background rows finished before the arrivals did')
     ms = sorted(x * 1000 for x in ttft)
@@ -350,12 +356,7 @@ def _measure(tm, engine, rows: int, steps: int, vocab: int, clients: str, cprofi
         engine.call(profiler.disable)
         profiler.dump_stats(cprofile)
     engine.timer = None
-    engine.call(lambda: [engine.scheduler.cancel(i + 1, False) for i in range(rows)])
-    for t in threads:
-        t.join()
-    engine.close()
-    if errors:
-        raise errors[0]
+    _stop(engine, rows, threads, errors)
     report.update(steps_per_s=report['steps'] / elapsed, steps_ahead=engine.steps_ahead)
     if threads:
         done_wakeups = max(1, sum(wakeups))

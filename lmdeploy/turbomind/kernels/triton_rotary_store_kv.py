@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .triton_rotary import _inv_freq
-from .triton_store_kv import _slot_ptrs, _store_int8, int8_launch_args, store_kv_triton
+from .triton_store_kv import _slot_ptrs, _store_tile, int8_launch_args, store_kv_triton
 
 MAX_TILE = 4096  # elements of one program's [heads, head_dim] tile by default
 
@@ -62,11 +62,7 @@ def _store_heads(X, C, t, hb, slot, stride_xt, stride_xh, stride_cb, stride_cs, 
     blk = slot // PAGE
     off = slot % PAGE
     ptrs = _slot_ptrs(C, blk, off, offs_h, offs_d, stride_cb, stride_cs, stride_ch)
-    if QUANT == 0:
-        tl.store(ptrs, x.to(C.dtype.element_ty), mask=mask)
-    else:
-        _store_int8(ptrs, x, mask, QP, qp_row, blk, off, offs_h, stride_qpb, stride_qph, HKV,
-                    QUANT)
+    _store_tile(ptrs, x, mask, QP, qp_row, blk, off, offs_h, stride_qpb, stride_qph, HKV, QUANT)
 
 
 @triton.jit

@@ -49,6 +49,18 @@ def _store_int8(ptrs, x, mask, QP, qp_row, blk, off, offs_h, stride_qpb, stride_
 
 
 @triton.jit
+def _store_tile(ptrs, x, mask, QP, qp_row, blk, off, offs_h, stride_qpb, stride_qph,
+                HKV: tl.constexpr, QUANT: tl.constexpr):
+    """Store the [H, D] tile x at ptrs: cast to the cache dtype, or quantised to int8
+    (`_store_int8`)."""
+    if QUANT == 0:
+        tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    else:
+        _store_int8(ptrs, x, mask, QP, qp_row, blk, off, offs_h, stride_qpb, stride_qph, HKV,
+                    QUANT)
+
+
+@triton.jit
 def _slot_ptrs(C, blk, off, offs_h, offs_d, stride_b, stride_s, stride_h):
     return C + blk * stride_b + off * stride_s + offs_h[:, None] * stride_h + offs_d[None, :]
 
@@ -71,17 +83,10 @@ def _store_kv_kernel(K, V, KC, VC, SLOTS, QP, stride_kt, stride_kh, stride_vt, s
     k = tl.load(K + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
     k_ptrs = _slot_ptrs(KC, blk, off, offs_h, offs_d, stride_kcb, stride_kcs, stride_kch)
-    if QUANT == 0:
-        tl.store(k_ptrs, k.to(KC.dtype.element_ty), mask=mask)
-    else:
-        _store_int8(k_ptrs, k, mask, QP, 0, blk, off, offs_h, stride_qpb, stride_qph, HKV,
-                    QUANT)
+    _store_tile(k_ptrs, k, mask, QP, 0, blk, off, offs_h, stride_qpb, stride_qph, HKV, QUANT)
     v_ptrs = _slot_ptrs(VC, blk, off, offs_h, offs_d, stride_vcb, stride_vcs, stride_vch)
-    if QUANT == 0:
-        tl.store(v_ptrs, v.to(VC.dtype.element_ty), mask=mask)
-    else:
-        _store_int8(v_ptrs, v, mask, QP, qp_v, blk, off, offs_h, stride_qpb, stride_qph, HKV,
-                    QUANT)
+    _store_tile(v_ptrs, v, mask, QP, qp_v, blk, off, offs_h, stride_qpb, stride_qph, HKV,
+                QUANT)
 
 
 def int8_launch_args(kv_qparams, k_cache, v_cache):
