@@ -165,11 +165,18 @@ def test_two_browser_sessions_do_not_share_a_session(app, browser):
 
 
 def test_cancel_stops_a_streaming_reply(server, browser):
-    """The UI with a Chatbot that ignores EOS (the reply runs ~1000 tokens unless cancelled)."""
+    """The UI with a Chatbot that ignores EOS: uncancelled, the reply runs until the session is
+    full (~1000 tokens, 10 s or more); Cancel cuts it short and the page stops changing."""
     import logging
     from lmdeploy.app import build_ui
-    from lmdeploy.serve.turbomind.chatbot import Chatbot
-    demo = build_ui('minichat', lambda: Chatbot(server.addr, ignore_eos=True, log_level=logging.ERROR))
+    from lmdeploy.serve.turbomind.chatbot import Chatbot, StatusCode
+    bots = []
+
+    def make_chatbot():
+        bots.append(Chatbot(server.addr, ignore_eos=True, log_level=logging.ERROR))
+        return bots[-1]
+
+    demo = build_ui('minichat', make_chatbot)
     demo.queue()
     port = free_port()
     demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
@@ -178,10 +185,16 @@ def test_cancel_stops_a_streaming_reply(server, browser):
         say(page, 'What is 12 + 5?')
         wait_for_text(page, '12 + 5 = 17.')
         page.locator('#cancel').click()
-        time.sleep(1.0)
+        session = bots[0].session
+        deadline = time.monotonic() + 30
+        while session.status != StatusCode.TRITON_STREAM_END and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert session.status == StatusCode.TRITON_STREAM_END, 'the reply did not end'
+        # cut short: a reply that ran its course fills the session
+        assert session.sequence_length < bots[0].cfg.session_len - 8, session.sequence_length
+        time.sleep(0.5)  # the last streamed update reaches the page
         stopped = chat_text(page)
         time.sleep(1.5)
-        # nothing streams any more (uncancelled, the ~1000-token reply streams for 10 s or more)
         assert chat_text(page) == stopped
         # the session is kept: the next message is answered in the same conversation
         say(page, 'Add 3 to that.')
