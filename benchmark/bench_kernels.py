@@ -185,7 +185,10 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
                       dict(waves=8), dict(waves=1),
                       # shorter partitions: more programs for one row's long context
                       dict(min_partition=128), dict(min_partition=64),
-                      dict(min_partition=128, waves=8), dict(min_partition=128, num_stages=2)]
+                      dict(min_partition=128, waves=8), dict(min_partition=128, num_stages=2),
+                      # a graph's hint is session_len: only more waves shorten the partition
+                      dict(min_partition=64, waves=16), dict(min_partition=64, waves=16,
+                                                              num_stages=2)]
         results = []
         for c in cands:
             f = lambda c=c: tpa.paged_attention_triton(*args, kv_qparams=qp,  # noqa: E731
@@ -400,6 +403,8 @@ def main():
     if a.only == 'decode':
         for B, ctx in ((64, 64), (64, 128), (1, 1100), (1, 2048), (146, 500), (64, 4096)):
             bench_decode(B, ctx, 32, 32, sweep=a.sweep, hint=max(2048, ctx))
+        for ctx in (300, 1100):  # B1 as profile_generation's graphs launch it (session_len 4096)
+            bench_decode(1, ctx, 32, 32, sweep=a.sweep, hint=4096)
         if a.sweep:
             bench_decode(108, 1150, 32, 32, sweep=True, quant='static', hint=2176)
         return finish(info, t0, a.out)

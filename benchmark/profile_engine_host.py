@@ -27,9 +27,10 @@ max(device, host) instead of device + host; `hidden_us` reports device_ms + host
 
 `--schedule` picks the loop (one report each): `sync` (async_schedule off: plan, launch, wait,
 commit), `ahead` (async_schedule on, the next step planned as soon as the current one starts)
-or `jit` (the engine's default: async_schedule on, the next step planned just in time, shortly
+or `jit` (async_schedule on and jit_schedule on: the next step planned just in time, shortly
 before the current one ends, so that arrivals during a step still make the next one; see
-engine.py). `--async_schedule on|off` is the older spelling of `--schedule jit|sync`.
+engine.py), or `jit5` (the same with Python's 5 ms GIL switch interval left alone: jit lowers
+it). `--async_schedule on|off` is the older spelling of `--schedule jit|sync`.
 
 `--arrival_rate R` measures latency instead: `--rows` streams decode all along, and
 `--requests` more (prompt 32 tokens, `--arrival_len` tokens out, each streamed by a client
@@ -150,7 +151,7 @@ def output_len(steps: int) -> int:
     return 2 * (WARMUP_STEPS + steps) + 64  # never runs out: cancelled once measured
 
 
-SCHEDULES = ('sync', 'ahead', 'jit')
+SCHEDULES = ('sync', 'ahead', 'jit', 'jit5')
 
 
 
@@ -177,8 +178,11 @@ def build(rows: int, steps: int, vocab: int, device: str, device_ms: float,
                        session_len=max(2048, total + 1), max_prefill_tokens=rows * PROMPT_LEN,
                        async_schedule=schedule != 'sync')
     num_blocks = rows * math.ceil(total / cfg.block_size) + 8
+    sys.setswitchinterval(0.005)  # Python's default: an earlier jit run lowered it
     engine = Engine(ReadyLogits(cfg, num_blocks, device, device_ms))
-    engine.jit_schedule = schedule == 'jit'
+    engine.jit_schedule = schedule in ('jit', 'jit5')
+    if schedule == 'jit5':  # jit with the 5 ms switch interval left alone
+        engine.JIT_SWITCH_INTERVAL = None
     # What TurboMindInstance reads from its TurboMind.
     tm = types.SimpleNamespace(engine=engine, config=cfg, eos_id=cfg.end_id, stop_words=[],
                                session_len=cfg.session_len)
@@ -420,8 +424,9 @@ def parse_args(argv=None):
                         'stats written to FILE')
     p.add_argument('--schedule', default=None,
                    help='comma-separated loops to measure, of sync (async_schedule off), ahead '
-                        '(async_schedule on, next step planned at once) and jit (the default: '
-                        'planned just in time); default: jit, with --arrival_rate all three')
+                        '(async_schedule on, next step planned at once), jit (planned just in '
+                        'time, GIL switch interval lowered) and jit5 (jit, switch interval left '
+                        'at 5 ms); default: jit, with --arrival_rate sync,ahead,jit')
     p.add_argument('--async_schedule', default=None, choices=('on', 'off'),
                    help='older spelling of --schedule jit (on) / sync (off)')
     p.add_argument('--arrival_rate', type=float, default=0.0, metavar='R',
@@ -446,7 +451,7 @@ def parse_args(argv=None):
     if args.async_schedule is not None:
         args.schedule = 'jit' if args.async_schedule == 'on' else 'sync'
     if args.schedule is None:
-        args.schedule = ','.join(SCHEDULES) if args.arrival_rate else 'jit'
+        args.schedule = 'sync,ahead,jit' if args.arrival_rate else 'jit'
     args.schedule = args.schedule.split(',')
     if not args.schedule or any(s not in SCHEDULES for s in args.schedule):
         p.error(f'--schedule takes a comma-separated list of {", ".join(SCHEDULES)}')

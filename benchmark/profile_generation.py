@@ -292,38 +292,60 @@ def print_table(rows, compares):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('model_path', nargs='?', default=None, help='workspace (or use --dummy)')
-    p.add_argument('--concurrency', type=int, default=1)
-    p.add_argument('--input_seqlen', type=int, default=0)
-    p.add_argument('--output_seqlen', type=int, default=512)
-    p.add_argument('--test_round', type=int, default=10)
+    p.add_argument('--concurrency', type=int, default=1,
+                   help='requests submitted together in a row (default: %(default)s)')
+    p.add_argument('--input_seqlen', type=int, default=0,
+                   help='prompt tokens per request; 0 = one token, the BOS (default: %(default)s)')
+    p.add_argument('--output_seqlen', type=int, default=512,
+                   help='new tokens per request, EOS ignored (default: %(default)s)')
+    p.add_argument('--test_round', type=int, default=10,
+                   help='timed rounds per row; medians over rounds (default: %(default)s)')
     p.add_argument('--tp', type=int, default=1,
                    help='tensor-parallel ranks (one process per GPU; default 1)')
     p.add_argument('--dummy', default=None, help='random weights of a named shape: '
                    'llama2-7b | llama3-8b | llama2-13b | tiny')
-    p.add_argument('--grid', choices=['B1', 'B2'], default=None)
+    p.add_argument('--grid', choices=['B1', 'B2'], default=None,
+                   help="BENCHMARKS.md's rows instead of --concurrency/--input_seqlen/"
+                        '--output_seqlen: B1 (bs1 latency) or B2 (the static grid)')
     p.add_argument('--grid_concurrency', default=None, help='B2 concurrencies, e.g. 1,64')
     p.add_argument('--rows', default=None, help='explicit rows C:IN:OUT,C:IN:OUT,...; C = max: '
                    'as many concurrent sessions as the KV pool holds (up to --max_batch_size, '
                    f'default {MAX_BATCH_LIMIT} for such rows)')
-    p.add_argument('--compare', choices=['hf'], default=None)
-    p.add_argument('--hf_output_seqlen', type=int, default=64)
+    p.add_argument('--compare', choices=['hf'], default=None,
+                   help='hf: also run transformers on the same weights in this process and print '
+                        'the ratio (dummy shapes; see above)')
+    p.add_argument('--hf_output_seqlen', type=int, default=64,
+                   help='new tokens per transformers run of --compare hf (default: %(default)s)')
     p.add_argument('--trace', action='store_true', help='bs1 decode-step timing + kernel table')
     p.add_argument('--out', default=None, help='JSON results file')
-    p.add_argument('--device', default=None)
-    p.add_argument('--dtype', default=None)
-    p.add_argument('--session_len', type=int, default=None)
-    p.add_argument('--max_batch_size', type=int, default=None)
-    p.add_argument('--max_prefill_tokens', type=int, default=None)
-    p.add_argument('--cache_max_entry_count', type=float, default=None)
-    p.add_argument('--block_size', type=int, default=None)
-    p.add_argument('--no_cuda_graph', action='store_true')
+    p.add_argument('--device', default=None,
+                   help="'cuda', 'cuda:N' or 'cpu' (default: cuda when available)")
+    p.add_argument('--dtype', default=None, choices=('fp16', 'bf16', 'fp32'),
+                   help='compute dtype (default: fp16 on GPU, fp32 on CPU)')
+    p.add_argument('--session_len', type=int, default=None,
+                   help='context length per session (default: the config, raised to fit the '
+                        'longest row)')
+    p.add_argument('--max_batch_size', type=int, default=None,
+                   help='persistent batch size (default: the largest concurrency asked for; '
+                        f'{MAX_BATCH_LIMIT} for max rows)')
+    p.add_argument('--max_prefill_tokens', type=int, default=None,
+                   help="token budget of one step's prefill chunks (default: 8192)")
+    p.add_argument('--cache_max_entry_count', type=float, default=None,
+                   help='KV pool: <= 1 fraction of free memory, > 1 number of sessions '
+                        '(default: 0.9; 0.6 with --compare hf, which needs room for transformers)')
+    p.add_argument('--block_size', type=int, default=None,
+                   help='tokens per KV block (default: 64)')
+    p.add_argument('--no_cuda_graph', action='store_true',
+                   help='run every step eagerly (no CUDA graphs), e.g. to compare')
     p.add_argument('--quant_policy', type=int, default=None, choices=(0, 4),
                    help='4: int8 KV cache (default: the config, 0 for --dummy)')
     p.add_argument('--kv_int8_scales', default=None, choices=('per_tensor', 'per_head', 'online'),
                    help='int8 KV scales: calibrated files (per_tensor / per_head; --dummy uses '
                         'synthetic ones) or online (per token, no files)')
-    p.add_argument('--no_warmup', action='store_true')
-    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--no_warmup', action='store_true',
+                   help='skip the untimed warm-up round of each row')
+    p.add_argument('--seed', type=int, default=0,
+                   help='seed of the random prompt ids (default: %(default)s)')
     args = p.parse_args(argv)
     if not args.model_path and not args.dummy:
         p.error('give a workspace path or --dummy SHAPE')

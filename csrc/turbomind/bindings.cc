@@ -406,7 +406,8 @@ void bind_scheduler(py::module_& m)
                          int vocab_size,
                          int start_id,
                          int end_id,
-                         bool chunked_prefill) {
+                         bool chunked_prefill,
+                         int admit_horizon) {
                  SchedulerConfig c;
                  c.num_blocks         = num_blocks;
                  c.block_size         = block_size;
@@ -417,6 +418,7 @@ void bind_scheduler(py::module_& m)
                  c.start_id           = start_id;
                  c.end_id             = end_id;
                  c.chunked_prefill    = chunked_prefill;
+                 c.admit_horizon      = admit_horizon;
                  return std::make_unique<Scheduler>(c);
              }),
              "num_blocks"_a,
@@ -427,7 +429,8 @@ void bind_scheduler(py::module_& m)
              "vocab_size"_a,
              "start_id"_a        = 1,
              "end_id"_a          = 2,
-             "chunked_prefill"_a = true)
+             "chunked_prefill"_a = true,
+             "admit_horizon"_a   = 32)
         .def(
             "submit",
             [](Scheduler& self,

@@ -328,6 +328,57 @@ bool Scheduler::admit(Request* r)
     return true;
 }
 
+// The blocks `r` holds once its whole context has K/V and it has grown by admit_horizon more
+// tokens (capped at its limit), less the blocks it holds now if it runs. A request not yet
+// admitted is estimated from its arguments (its session's history, truncated at `step`).
+int64_t Scheduler::blocks_wanted(const Request* r) const
+{
+    const int64_t horizon = cfg_.admit_horizon;
+    if (r->admitted) {
+        const Session* s    = r->seq;
+        const int64_t  size = static_cast<int64_t>(s->tokens.size()) + r->pending;
+        const int64_t  want = seqs_.blocks_for(std::min(size + horizon, std::max(r->limit, size)));
+        return std::max<int64_t>(0, want - static_cast<int64_t>(s->blocks.size()));
+    }
+    int64_t history = 0;
+    if (!r->start) {
+        if (const Session* s = seqs_.find(r->session_id)) {
+            history = static_cast<int64_t>(s->tokens.size());
+            if (r->step >= 0 && r->step < history) {
+                history = r->step;
+            }
+        }
+    }
+    const int64_t context = std::max<int64_t>(1, history + static_cast<int64_t>(r->input_ids.size()));
+    const int64_t limit   = r->output_len > 0 ? std::min<int64_t>(context + r->output_len, cfg_.session_len - 1) : context;
+    // Blocks its own idle session holds count in `available` (evictable) and go to it.
+    return seqs_.blocks_for(std::min(context + horizon, std::max(limit, context)));
+}
+
+// Whether the pool covers the head `r` on top of what the running requests still want;
+// `reserved` < 0 on the first call of a schedule() (then computed), updated as r is taken.
+bool Scheduler::pool_can_admit(const Request* r, int64_t& reserved, int64_t& available) const
+{
+    if (cfg_.admit_horizon < 0) {
+        return true;
+    }
+    if (reserved < 0) {
+        reserved = 0;
+        for (const Request* q : running_) {
+            if (q->state == Request::kRunning) {  // finished ones are not reaped yet
+                reserved += blocks_wanted(q);
+            }
+        }
+        available = blocks_.num_free() + seqs_.evictable_blocks();
+    }
+    const int64_t want = blocks_wanted(r);
+    if (available - reserved < want) {
+        return false;
+    }
+    reserved += want;
+    return true;
+}
+
 void Scheduler::insert_running(Request* r)
 {
     auto pos = std::upper_bound(running_.begin(), running_.end(), r, [](const Request* a, const Request* b) {
@@ -465,9 +516,13 @@ const Plan& Scheduler::schedule(bool ahead)
     const uint64_t step = ++step_counter_;
     plan.step           = step;
 
-    // 1. Admission, FIFO, up to max_batch_size running.
+    // 1. Admission, FIFO, up to max_batch_size running, while the pool can take the head.
+    int64_t reserved = -1, available = 0;  // computed when first needed
     while (running_.size() < static_cast<size_t>(cfg_.max_batch_size) && !waiting_.empty()) {
         Request* r = waiting_.front();
+        if (!running_.empty() && !pool_can_admit(r, reserved, available)) {
+            break;
+        }
         waiting_.pop_front();
         if (!r->admitted && !admit(r)) {
             continue;

@@ -28,7 +28,14 @@
 //
 // schedule():
 //   1. admits waiting requests in FIFO order while fewer than max_batch_size are running
-//      (preempted requests are re-queued at the head and keep their original priority);
+//      (preempted requests are re-queued at the head and keep their original priority) and
+//      while the pool can take them: the head is admitted only if the free blocks (idle
+//      sessions' included, they can be evicted) cover its whole context plus `admit_horizon`
+//      tokens of growth, on top of the same for every running request (prompt still to
+//      prefill + the next admit_horizon tokens). Nobody overtakes a head that does not fit;
+//      with nothing running the head is always admitted. Without this check a full pool
+//      thrashes: a new prompt takes the last blocks, the next decode step preempts it, it is
+//      re-admitted at once, and its prefill is computed again and again;
 //      admission applies START (create, replacing an existing session) or fetch + `step`
 //      truncation, appends the input, inserts start_id when history and input are both empty;
 //   2. decode rows first: every running request with exactly one token (committed or pending)
@@ -73,6 +80,7 @@ struct SchedulerConfig {
     int  start_id           = 1;
     int  end_id             = 2;
     bool chunked_prefill    = true;  // false: a prompt is prefilled whole in one step
+    int  admit_horizon      = 32;    // tokens of growth reserved per request at admission (< 0: no check)
 };
 
 struct Plan {
@@ -184,6 +192,8 @@ private:
     int64_t reject(int64_t handle, uint64_t session_id, int32_t code, const std::string& msg);
     int32_t stop_request(uint64_t session_id, bool end, std::string& msg);
     bool    admit(Request* r);
+    bool    pool_can_admit(const Request* r, int64_t& reserved, int64_t& available) const;
+    int64_t blocks_wanted(const Request* r) const;
     void    insert_running(Request* r);
     void    preempt(size_t index);
     size_t  victim_from(size_t from, uint64_t step) const;

@@ -184,6 +184,15 @@ bool SequenceManager::grow(Session* s, int64_t num_tokens)
     return true;
 }
 
+int64_t SequenceManager::evictable_blocks() const
+{
+    int64_t n = 0;
+    for (const Session* s : lru_) {
+        n += static_cast<int64_t>(s->blocks.size());
+    }
+    return n;
+}
+
 std::vector<uint64_t> SequenceManager::session_ids() const
 {
     std::vector<uint64_t> ids;

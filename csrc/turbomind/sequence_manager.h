@@ -86,6 +86,7 @@ public:
 
     size_t   num_sessions() const { return sessions_.size(); }
     size_t   num_evictable() const { return lru_.size(); }
+    int64_t  evictable_blocks() const;  // blocks held by idle sessions (O(idle sessions))
     uint64_t num_evictions() const { return num_evictions_; }
     uint64_t clock() const { return clock_; }
     std::vector<uint64_t> session_ids() const;

@@ -63,6 +63,7 @@ import concurrent.futures
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -246,6 +247,7 @@ def _bucket(n: int) -> int:
 
 class Engine:
     """The step loop. `runner` is rank 0's ModelRunner; the scheduler is sized from it."""
+    JIT_SWITCH_INTERVAL = 0.5e-3  # sys.setswitchinterval while planning just in time (None: keep)
 
     def __init__(self, runner: ModelRunner):
         cfg = runner.cfg
@@ -254,7 +256,8 @@ class Engine:
             num_blocks=runner.num_blocks, block_size=cfg.block_size,
             max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
             session_len=cfg.session_len, vocab_size=cfg.vocab_size, start_id=cfg.start_id,
-            end_id=cfg.end_id, chunked_prefill=cfg.chunked_prefill)
+            end_id=cfg.end_id, chunked_prefill=cfg.chunked_prefill,
+            admit_horizon=cfg.admit_horizon)
         self.sampler = Sampler()
         self.slots = SamplingSlots(cfg.max_batch_size)
         # Plan ahead only with one rank (the others would need prev_tokens) and when enabled.
@@ -264,7 +267,7 @@ class Engine:
         self._num_sync_only = 0  # live requests whose steps must not be planned ahead
         self.steps_ahead = 0  # steps planned while the previous one was on the device
         # Plan a step ahead only shortly before the device needs it (module docstring).
-        self.jit_schedule = False  # see the module doc: off until it stops costing p99s
+        self.jit_schedule = bool(getattr(cfg, 'jit_schedule', False))  # off by default: doc
         self.jit_waits = 0  # waits to plan just in time
         self.jit_misses = 0  # ... after which the device had finished before the launch
         self._pacer = _Pacer()
@@ -492,6 +495,11 @@ class Engine:
         `running`, the step on the device (module docstring); False once close() was called."""
         if not self.jit_schedule or self._failed or self.scheduler.num_waiting():
             return True
+        interval = self.JIT_SWITCH_INTERVAL
+        if interval and sys.getswitchinterval() > interval:
+            # A thread that times out of a wait gets the GIL back only when the holder drops
+            # it, after up to the switch interval (5 ms by default): a whole decode step late.
+            sys.setswitchinterval(interval)
         now = time.perf_counter()
         delay = self._pacer.delay(running, now)
         if delay is None:

@@ -216,8 +216,9 @@ def test_repetition_penalty_matches_transformers(engines, hf_model):
 
 @pytest.mark.parametrize('overrides', [
     dict(max_batch_size=5),
-    # a pool too small for everyone: preemption; a small prefill budget: chunked prefill
-    dict(max_batch_size=8, block_size=4, num_blocks=26, max_prefill_tokens=16),
+    # a pool too small for everyone, greedy admission: preemption; a small prefill budget:
+    # chunked prefill
+    dict(max_batch_size=8, block_size=4, num_blocks=26, max_prefill_tokens=16, admit_horizon=-1),
 ], ids=['batch5', 'preempt+chunked'])
 def test_concurrent_staggered_requests_equal_solo(engines, overrides):
     tm = engines('gqa', **overrides)

@@ -3,6 +3,7 @@ exactly what the synchronous loop gives (greedy and seeded), across multi-turn s
 words, cancel, concurrent requests, preemption and chunked prefill (CPU, tiny fixtures)."""
 import collections
 import random
+import sys
 import threading
 import time
 
@@ -18,8 +19,10 @@ from tests.turbomind.test_engine import (BASE, SAMPLING, Background, Chat, fresh
 
 CONFIGS = {
     'plain': dict(),
-    # a pool too small for everyone (preemption, eviction) and a small prefill budget (chunks)
-    'tight': dict(max_batch_size=6, block_size=4, num_blocks=30, max_prefill_tokens=8),
+    # a pool too small for everyone with greedy admission (preemption, eviction) and a small
+    # prefill budget (chunks)
+    'tight': dict(max_batch_size=6, block_size=4, num_blocks=30, max_prefill_tokens=8,
+                  admit_horizon=-1),
 }
 
 
@@ -413,6 +416,8 @@ def test_just_in_time_arrivals_equal_synchronous(pair, config, monkeypatch):
     monkeypatch.setattr(fast.engine.runner, 'run', device.run)
     monkeypatch.setattr(fast.engine, 'jit_schedule', True)
     waits = fast.engine.jit_waits
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.005)
 
     def job(i):
         def body():
@@ -421,9 +426,14 @@ def test_just_in_time_arrivals_equal_synchronous(pair, config, monkeypatch):
             got[i] = fresh(fast, ids, n, stream_output=bool(i % 2))
         return body
 
-    with simulated_device(device):
-        fresh(fast, prompt(6, 499), 24)  # settle the estimates
-        run_threads([job(i) for i in range(len(jobs))])
+    try:
+        with simulated_device(device):
+            fresh(fast, prompt(6, 499), 24)  # settle the estimates
+            run_threads([job(i) for i in range(len(jobs))])
+        # waiting to plan lowered the GIL switch interval (the wait's end would be late)
+        assert sys.getswitchinterval() <= fast.engine.JIT_SWITCH_INTERVAL
+    finally:
+        sys.setswitchinterval(interval)
     assert got == want
     assert fast.engine.jit_waits > waits
     assert on_engine(fast, lambda s: (s.num_running(), s.num_waiting(), s.num_outstanding)) == (
@@ -446,3 +456,17 @@ def test_close_while_waiting_to_plan_hands_over_and_fails_the_rest():
     assert len(request.output_ids) == len(steps)
     with pytest.raises(EngineError):
         _submit(engine, 2, 1, engine_mod.Wakeup())
+
+
+def test_scheduling_keys_reach_the_engine(workspace):
+    tm = TurboMind(workspace('gqa'), jit_schedule=True, admit_horizon=-1, **BASE)
+    try:
+        assert tm.engine.jit_schedule and tm.engine.async_schedule
+        assert tm.config.admit_horizon == -1
+    finally:
+        tm.close()
+    tm = TurboMind(workspace('gqa'), **BASE)
+    try:
+        assert not tm.engine.jit_schedule and tm.config.admit_horizon == 32
+    finally:
+        tm.close()

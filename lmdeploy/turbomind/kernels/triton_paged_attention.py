@@ -346,7 +346,11 @@ def _next_pow2(n: int) -> int:
 
 
 # Tunables (benchmark/bench_kernels.py sweeps them; see benchmark/NOTES.md).
-DECODE_CFG = dict(BLOCK_N=64, num_warps=4, num_stages=3, min_partition=256, waves=4,
+# min_partition 128 / waves 8 (was 256 / 4): a CUDA graph launches with max_kv_len =
+# session_len, so at small batch only more waves shorten the partition and put more programs
+# on one row's context: B1 ctx 1100 10.7 -> 9.3 us, ctx 300 9.4 -> 7.4 (hint 4096); B64/B146
+# unchanged (H100, bench_kernels.py --only decode --sweep, benchmark/NOTES.md session 4).
+DECODE_CFG = dict(BLOCK_N=64, num_warps=4, num_stages=3, min_partition=128, waves=8,
                   use_dot=True)
 PREFILL_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 # Overrides of DECODE_CFG for int8 caches. An int8 tile is half the bytes of an fp16 one, so a

@@ -1,0 +1,22 @@
+"""benchmark/replay_schedule.py: B3's workload through the real scheduler (CPU, no model)."""
+import json
+
+from benchmark import replay_schedule
+
+
+def test_pool_check_stops_the_preemption_thrash(tmp_path):
+    out = tmp_path / 'replay.json'
+    replay_schedule.main(['--num_prompts', '200', '--concurrency', '64', '--max_batch_size', '64',
+                          '--num_blocks', '300', '--admit_horizon=-1,32', '--out', str(out)])
+    greedy, checked = json.loads(out.read_text())['rows']
+    assert greedy['requests'] == checked['requests'] == 200
+    prompts = greedy['prompt_tokens']
+    assert checked['prompt_tokens'] == prompts
+    # greedy admission into a small pool: preempted over and over, prompts prefilled again
+    assert greedy['preemptions'] > 1000 and greedy['recomputed_tokens'] > prompts / 2
+    # with the pool check only requests growing past the horizon are ever preempted
+    assert checked['preemptions'] < greedy['preemptions'] / 100
+    assert checked['recomputed_tokens'] < prompts / 20
+    assert checked['model_s'] < greedy['model_s']
+    for r in (greedy, checked):
+        assert 0 < r['rows_per_step'] <= 64 and 0 < r['model_tail_s'] < r['model_s']
