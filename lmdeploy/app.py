@@ -81,7 +81,8 @@ class LocalChatbot:
             return
         out_len = room if request_output_len is None else min(request_output_len, room)
         detok = self.tm.tokenizer.detokenizer()
-        response, shown, ids = '', 0, []
+        response, shown, ids, done = '', 0, [], False
+        base = session.sequence_length
         try:
             for outputs in self.instance.stream_infer(
                     session_id, input_ids, request_output_len=out_len,
@@ -95,13 +96,20 @@ class LocalChatbot:
                 if visible > shown:
                     response += detok.step(ids[shown:visible])
                     shown = visible
+                # what the caller has seen so far: a caller that stops reading here (the UI's
+                # Cancel) continues the session from it (the next turn's `step`)
+                session.sequence_length = base + len(input_ids) + len(ids)
                 yield StatusCode.TRITON_STREAM_ING, response, len(ids)
+            response += detok.flush().replace('\ufffd', '')
+            done = True
         except (RequestError, EngineError) as e:
+            session.sequence_length = base
             yield StatusCode.TRITON_SERVER_ERR, one_line(e), 0
             return
-        response += detok.flush().replace('\ufffd', '')
-        session.sequence_length += len(input_ids) + len(ids)
-        session.histories += text + response
+        finally:
+            if done or session.sequence_length > base:
+                session.histories += text + response
+        session.sequence_length = base + len(input_ids) + len(ids)
         yield StatusCode.TRITON_STREAM_END, response, len(ids)
 
     def cancel(self, session_id: int):
@@ -155,16 +163,26 @@ def build_ui(model_name: str, make_chatbot):
         yield history, state, ''
         sid, bot = state['session_id'], state['bot']
         request_id = f'{sid}-{len(history) // 2}'
-        for status, text, _ in bot.stream_infer(sid, instruction, request_id=request_id):
-            if getattr(bot, 'abandoned', False):  # Reset: this chat is gone, show nothing more
-                return
-            if status in errors:
-                text = f'[{text}]'
-            history[-1] = {'role': 'assistant', 'content': text}
-            yield history, state, ''
+        bot.cancelled = False
+        replies = bot.stream_infer(sid, instruction, request_id=request_id)
+        try:
+            for status, text, _ in replies:
+                if getattr(bot, 'abandoned', False):  # Reset: this chat is gone, show nothing more
+                    return
+                if status in errors:
+                    text = f'[{text}]'
+                history[-1] = {'role': 'assistant', 'content': text}
+                yield history, state, ''
+                # Cancel: stop here even if the engine already generated more than the page has
+                # shown (a slow browser lags behind); the session goes on from what was shown.
+                if bot.cancelled:
+                    return
+        finally:
+            replies.close()
 
     def cancel(state):
         if state is not None and state['bot'].session is not None:
+            state['bot'].cancelled = True
             state['bot'].cancel(state['session_id'])
         return state
 

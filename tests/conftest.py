@@ -17,6 +17,15 @@ if ROOT not in sys.path:
 from tests.fixtures import TOKENIZER_MODEL, make_checkpoint  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _restore_switch_interval():
+    """An engine planning just in time lowers the process's GIL switch interval (engine.py):
+    keep that to the test that did it."""
+    interval = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(interval)
+
+
 @pytest.fixture(scope='session')
 def ckpt_root(tmp_path_factory):
     """Session-wide cache directory of the tiny checkpoints."""

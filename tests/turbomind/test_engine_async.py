@@ -416,8 +416,7 @@ def test_just_in_time_arrivals_equal_synchronous(pair, config, monkeypatch):
     monkeypatch.setattr(fast.engine.runner, 'run', device.run)
     monkeypatch.setattr(fast.engine, 'jit_schedule', True)
     waits = fast.engine.jit_waits
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(0.005)
+    sys.setswitchinterval(0.005)  # Python's default (conftest restores whatever it was)
 
     def job(i):
         def body():
@@ -426,14 +425,11 @@ def test_just_in_time_arrivals_equal_synchronous(pair, config, monkeypatch):
             got[i] = fresh(fast, ids, n, stream_output=bool(i % 2))
         return body
 
-    try:
-        with simulated_device(device):
-            fresh(fast, prompt(6, 499), 24)  # settle the estimates
-            run_threads([job(i) for i in range(len(jobs))])
-        # waiting to plan lowered the GIL switch interval (the wait's end would be late)
-        assert sys.getswitchinterval() <= fast.engine.JIT_SWITCH_INTERVAL
-    finally:
-        sys.setswitchinterval(interval)
+    with simulated_device(device):
+        fresh(fast, prompt(6, 499), 24)  # settle the estimates
+        run_threads([job(i) for i in range(len(jobs))])
+    # waiting to plan lowered the GIL switch interval (the wait's end would be late)
+    assert sys.getswitchinterval() <= fast.engine.JIT_SWITCH_INTERVAL
     assert got == want
     assert fast.engine.jit_waits > waits
     assert on_engine(fast, lambda s: (s.num_running(), s.num_waiting(), s.num_outstanding)) == (

@@ -357,6 +357,8 @@ class Chatbot:
         status, message = self._simple_request(session_id, stop=True)
         if status == StatusCode.TRITON_STREAM_END:
             self.logger.info(f'cancelled session {session_id}')
+        elif 'SessionInactive' in message:  # the reply had ended already: nothing to stop
+            self.logger.info(f'cancel session {session_id}: nothing is generating')
         else:
             self.logger.error(f'cancel session {session_id} failed: {message}')
         return status
