@@ -34,7 +34,8 @@ PARAMS = 6.74e9
 
 
 def replay(requests, concurrency, num_blocks, block_size, max_batch_size, max_prefill_tokens,
-           admit_horizon, session_len, weights_ms, kv_tb_s, prefill_tflops):
+           admit_horizon, session_len, weights_ms, kv_tb_s, prefill_tflops,
+           kv_bytes=KV_BYTES_PER_TOKEN):
     from lmdeploy.turbomind import _turbomind
     s = _turbomind.Scheduler(num_blocks=num_blocks, block_size=block_size,
                              max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
@@ -58,7 +59,7 @@ def replay(requests, concurrency, num_blocks, block_size, max_batch_size, max_pr
         rows.append(b)
         prefill += t - d
         kv_read += kv
-        model_s += (weights_ms * 1e-3 + kv * KV_BYTES_PER_TOKEN / (kv_tb_s * 1e12)
+        model_s += (weights_ms * 1e-3 + kv * kv_bytes / (kv_tb_s * 1e12)
                     + 2 * PARAMS * (t - d) / (prefill_tflops * 1e12))
         if nxt < len(requests):
             queued_until, queued_s = len(rows), model_s
@@ -83,6 +84,12 @@ def main(argv=None):
                    help='requests of the synthetic set (default: %(default)s)')
     p.add_argument('--concurrency', type=int, default=256,
                    help='requests in flight at once (default: %(default)s)')
+    p.add_argument('--static', default=None, metavar='C:IN:OUT',
+                   help="instead of the synthetic set: C requests of IN prompt tokens and OUT new "
+                        "tokens submitted together (a B2 row, e.g. 64:2048:2048)")
+    p.add_argument('--kv_bytes', type=int, default=KV_BYTES_PER_TOKEN,
+                   help='time model: KV bytes per token (default: %(default)s, fp16 Llama-2-7B; '
+                        'int8 KV: half)')
     p.add_argument('--seed', type=int, default=0,
                    help="the synthetic set's seed, as profile_throughput.py's (default: %(default)s)")
     p.add_argument('--num_blocks', type=int, default=1812,
@@ -113,9 +120,18 @@ def main(argv=None):
            args.max_batch_size, args.max_prefill_tokens) < 1:
         p.error('--num_prompts, --concurrency, --num_blocks, --block_size, --max_batch_size and '
                 '--max_prefill_tokens must be >= 1')
-    requests = sample_synthetic(args.num_prompts, 32000, args.seed, args.session_len)
+    if args.static:
+        try:
+            c, n_in, n_out = (int(v) for v in args.static.split(':'))
+        except ValueError:
+            p.error(f'--static takes C:IN:OUT, got {args.static!r}')
+        requests = [([3 + (i % 1000)] * n_in, n_out) for i in range(c)]
+        args.concurrency, args.num_prompts = c, c
+    else:
+        requests = sample_synthetic(args.num_prompts, 32000, args.seed, args.session_len)
     results = []
-    print(f'{args.num_prompts} synthetic requests at concurrency {args.concurrency}, pool '
+    kind = f'static {args.static}' if args.static else 'synthetic'
+    print(f'{args.num_prompts} {kind} requests at concurrency {args.concurrency}, pool '
           f'{args.num_blocks} x {args.block_size} tokens, max_batch_size {args.max_batch_size}, '
           f'max_prefill_tokens {args.max_prefill_tokens}')
     print('| admit_horizon | steps | rows/step | rows/step (queue full) | preemptions | '
@@ -124,7 +140,7 @@ def main(argv=None):
     for h in horizons:
         r = replay(requests, args.concurrency, args.num_blocks, args.block_size,
                    args.max_batch_size, args.max_prefill_tokens, h, args.session_len,
-                   args.weights_ms, args.kv_tb_s, args.prefill_tflops)
+                   args.weights_ms, args.kv_tb_s, args.prefill_tflops, args.kv_bytes)
         results.append(r)
         print(f"| {h} | {r['steps']} | {r['rows_per_step']:.0f} | "
               f"{r['rows_per_step_while_queued']:.0f} | {r['preemptions']} | "

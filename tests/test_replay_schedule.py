@@ -20,3 +20,16 @@ def test_pool_check_stops_the_preemption_thrash(tmp_path):
     assert checked['model_s'] < greedy['model_s']
     for r in (greedy, checked):
         assert 0 < r['rows_per_step'] <= 64 and 0 < r['model_tail_s'] < r['model_s']
+
+
+def test_static_rows_replay_as_one_batch(tmp_path):
+    """A B2-style row (C requests submitted together) on a pool that holds half of them."""
+    out = tmp_path / 'static.json'
+    replay_schedule.main(['--static', '16:40:40', '--max_batch_size', '16', '--block_size', '8',
+                          '--num_blocks', '80', '--session_len', '96', '--admit_horizon=-1,32',
+                          '--out', str(out)])
+    greedy, checked = json.loads(out.read_text())['rows']
+    assert greedy['requests'] == checked['requests'] == 16
+    assert greedy['prompt_tokens'] == checked['prompt_tokens'] == 16 * 40
+    assert 0 <= checked['recomputed_tokens'] < greedy['recomputed_tokens']
+    assert checked['preemptions'] < greedy['preemptions']
