@@ -176,6 +176,9 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
             # int8 tile converts in registers (MHA: the dot's 16 rows hold 1 query head)
             cands += [dict(use_dot=False, BLOCK_N=bn, num_warps=w, num_stages=st)
                       for bn, w, st in ((32, 4, 3), (64, 4, 3), (64, 4, 5), (64, 8, 4))]
+            # int8 -> fp16 by bits instead of the quarter-rate int-to-float instruction
+            cands += [dict(fast_i8=True, BLOCK_N=bn, num_warps=w, num_stages=st)
+                      for bn, w, st in ((64, 4, 5), (64, 4, 3), (128, 4, 5), (64, 8, 5))]
         else:
             cands += [dict(BLOCK_N=64, num_warps=4, num_stages=1),
                       dict(BLOCK_N=32, num_warps=2, num_stages=2),

@@ -77,6 +77,17 @@ def test_decode_int8_7b_shape(mode, hkv):
     check(args, qp, torch.float16)
 
 
+@pytest.mark.parametrize('mode', MODES)
+def test_decode_int8_fast_conversion_equals_the_cast(mode):
+    """decode_cfg fast_i8 (int8 -> fp16 by bits) gives the cast's values, so the same output."""
+    from lmdeploy.turbomind.kernels.paged_attention import paged_attention_triton
+    args, qp = int8_attention([(n, 1) for n in (4095, 17, 1000, 2500)], 32, 8, 128, 64,
+                              torch.float16, mode, 11)
+    plain = paged_attention_triton(*args, kv_qparams=qp, decode_cfg=dict(fast_i8=False))
+    fast = paged_attention_triton(*args, kv_qparams=qp, decode_cfg=dict(fast_i8=True))
+    assert torch.equal(plain, fast)
+
+
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('splits', [None, 7])

@@ -92,6 +92,10 @@ for quant in ('static', 'online'):
           decode_cfg=dict(use_dot=False, BLOCK_N=16))
     _case(f'attn-int8-{quant}-mixed-fp16', op='attn', D=32, hq=4, hkv=2, page=4,
           rows=[(20, 1), (45, 1), (7, 12)], dtype='float16', quant=quant)
+    # int8 -> fp16 by bits (_load_kv's FAST_I8): the same values as the cast
+    _case(f'attn-int8-{quant}-decode-fp16-fast-i8', op='attn', D=32, hq=4, hkv=2, page=4,
+          rows=[(20, 1), (45, 1), (70, 1)], dtype='float16', quant=quant, num_splits=2,
+          decode_cfg=dict(fast_i8=True))
 
 # rotary + store_kv in one kernel: equal (bitwise) to the two Triton kernels, close to the refs.
 # q/k/v are column views of a fused qkv output; slot 1 is negative.

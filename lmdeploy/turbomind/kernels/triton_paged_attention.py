@@ -45,10 +45,17 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv(ptrs, mask, DT: tl.constexpr):
+def _load_kv(ptrs, mask, DT: tl.constexpr, FAST_I8: tl.constexpr = False):
     """Load one K or V tile in the compute dtype DT (a no-op cast for float caches; int8
-    values convert exactly, the scales are applied by the callers, see the module doc)."""
-    return tl.load(ptrs, mask=mask, other=0.0).to(DT)
+    values convert exactly, the scales are applied by the callers, see the module doc).
+    FAST_I8 (int8 cache, fp16 DT): convert by bits instead of the int-to-float instruction,
+    which runs at a quarter of the ALU rate: x + 128 as the low byte of the fp16 0x6400
+    (1024 + x + 128, exact) minus 1152."""
+    x = tl.load(ptrs, mask=mask, other=0)
+    if FAST_I8 and x.dtype == tl.int8 and DT == tl.float16:
+        u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
+        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+    return x.to(DT)
 
 
 @triton.jit
@@ -110,13 +117,15 @@ def _block_ids(BT_row, offs_n, mask_n, n0, PAGE: tl.constexpr, BLOCK_N: tl.const
 @triton.jit
 def _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d, kv_mask, stride_kb, stride_ks,
                   stride_vb, stride_vs, DT: tl.constexpr, PAGE: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  BLOCK_N: tl.constexpr, FAST_I8: tl.constexpr = False):
     """The K and V tiles of positions offs_n (one KV head) and their pool blocks: (blk, k, v).
     kv_mask: what to load ([BLOCK_N, BLOCK_D]; full tiles pass only the head-dim mask)."""
     blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
     off = (offs_n % PAGE)[:, None]
-    k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask, DT)
-    v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask, DT)
+    k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask, DT,
+                 FAST_I8)
+    v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask, DT,
+                 FAST_I8)
     return blk, k, v
 
 
@@ -128,7 +137,7 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
                    GROUP: tl.constexpr, G_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   MIXED: tl.constexpr):
+                   MIXED: tl.constexpr, FAST_I8: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -164,7 +173,8 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
         mask_n = offs_n < end
         blk, k, v = _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d,
                                   mask_n[:, None] & mask_d[None, :], stride_kb, stride_ks,
-                                  stride_vb, stride_vs, Q.dtype.element_ty, PAGE, BLOCK_N)
+                                  stride_vb, stride_vs, Q.dtype.element_ty, PAGE, BLOCK_N,
+                                  FAST_I8)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
         else:
@@ -351,7 +361,7 @@ def _next_pow2(n: int) -> int:
 # on one row's context: B1 ctx 1100 10.7 -> 9.3 us, ctx 300 9.4 -> 7.4 (hint 4096); B64/B146
 # unchanged (H100, bench_kernels.py --only decode --sweep, benchmark/NOTES.md session 4).
 DECODE_CFG = dict(BLOCK_N=64, num_warps=4, num_stages=3, min_partition=128, waves=8,
-                  use_dot=True)
+                  use_dot=True, fast_i8=False)  # fast_i8: see _load_kv (not yet timed)
 PREFILL_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 # Overrides of DECODE_CFG for int8 caches. An int8 tile is half the bytes of an fp16 one, so a
 # deeper pipeline (2 tiles in flight instead of 1) keeps as many bytes in flight: static scales
@@ -436,6 +446,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partition, q.stride(0), q.stride(1), *common_strides, QUANT=quant,
         NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE=page, USE_DOT=use_dot, DOT_PREC=prec, MIXED=mixed,
+        FAST_I8=bool(cfg.get('fast_i8', False)),
         num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
     if splits > 1:
         _combine_kernel[(B, hq)](tmp_o, tmp_ml, cu_seqlens, kv_lens, out, partition,
