@@ -33,15 +33,17 @@ start(n) is when the loop saw step n-1's tokens (n was queued behind n-1, so the
 straight on to it); device(n) the shortest of the recent device durations of steps like n
 (decode-only by batch-size bucket, mixed by token bucket), measured as the interval between
 consecutive token arrivals while the pipeline stays full; host the longest of the recent
-plan-to-launched times (`_Pacer`). No wait when step n's start or kind has no measurement yet,
-when the wait would be under `_Pacer.MIN_WAIT`, while requests wait for admission, after a
-failed step, or in synchronous steps. A step that ended before its successor was launched (a
-miss: the device idled) grows the margin until the misses stop, and its successor's successor
-is planned at once. `Engine.jit_schedule` turns this on; it is OFF by default: on the H100 it
-cut B4's TTFT p50 only from 22.7 to 21.4 ms while B1's per-token p99 went from 6.1 to 10.8 ms
-and B4's ITL p99 from 10.2 to 18.5 (benchmark/NOTES.md, session 3; suspected: callers woken
-at the wait's start hold the GIL, and the engine gets it back only after the 5 ms switch
-interval).
+plan-to-launched times of steps of n's kind (`_Pacer`). No wait when step n's start or kind
+has no measurement yet, when the wait would be under `_Pacer.MIN_WAIT`, while requests wait for
+admission, after a failed step, or in synchronous steps. A step that ended before its successor
+was launched (a miss: the device idled) grows the margin until the misses stop, and its
+successor's successor is planned at once. The `jit_schedule` config key turns this on; it is
+OFF by default: on the H100 it cut B4's TTFT p50 only from 22.7 to 21.4 ms while B1's
+per-token p99 went from 6.1 to 10.8 ms and B4's ITL p99 from 10.2 to 18.5 (benchmark/NOTES.md,
+session 3). Suspected then: a thread that times out of the wait gets the GIL back only after
+the holder's 5 ms switch interval; so the wait now lowers the interval to 0.5 ms
+(`JIT_SWITCH_INTERVAL`), and TurboMind freezes its start-up heap out of the garbage
+collector (a full collection stops every thread for 50-100 ms). Not yet measured on the GPU.
 
 Callers on any thread reach the loop only through `submit` and `call` (both queue a command
 the loop runs between steps) and through the `Request` objects they hand in, which the loop
@@ -195,7 +197,10 @@ class _Pacer:
     """When to plan the next step (just in time): recent device step durations by kind and the
     host's plan-to-launched times. Estimates lean the safe way: planning early only costs a
     late arrival one step, planning late idles the device. Device: the shortest of the last
-    `SAMPLES` of the step's kind; host: the longest of the last `SAMPLES` steps."""
+    `SAMPLES` of the step's kind; host: the longest of the last `SAMPLES` steps of the running
+    step's kind (decode-only or mixed), taken as the kind of the step about to be planned: a
+    prompt's eager launch (10+ ms of host time) must not stop the waits of the decode steps
+    after it."""
     SAMPLES = 8
     MARGIN = 0.4e-3  # the next step is queued this long before the device would go idle
     MAX_EXTRA = 3e-3  # misses add up to this much more
@@ -205,7 +210,7 @@ class _Pacer:
 
     def __init__(self):
         self.device: Dict[tuple, deque] = {}
-        self.host: deque = deque(maxlen=self.SAMPLES)
+        self.host: Dict[str, deque] = {}  # by kind: 'decode' | 'mixed'
         self.extra = 0.0  # margin added after misses
 
     @staticmethod
@@ -220,8 +225,11 @@ class _Pacer:
             samples = self.device[key] = deque(maxlen=self.SAMPLES)
         samples.append(seconds)
 
-    def add_host(self, seconds: float):
-        self.host.append(seconds)
+    def add_host(self, kind: str, seconds: float):
+        samples = self.host.get(kind)
+        if samples is None:
+            samples = self.host[kind] = deque(maxlen=self.SAMPLES)
+        samples.append(seconds)
 
     def hit(self):
         self.extra *= 0.95
@@ -232,10 +240,11 @@ class _Pacer:
     def delay(self, running: _Launched, now: float) -> Optional[float]:
         """Seconds from `now` until the step after `running` should be planned; None: now."""
         samples = self.device.get(running.key)
-        if running.start is None or not samples or not self.host:
+        host = self.host.get(running.key[0])
+        if running.start is None or not samples or not host:
             return None
         device = min(samples)
-        delay = running.start + device - max(self.host) - self.MARGIN - self.extra - now
+        delay = running.start + device - max(host) - self.MARGIN - self.extra - now
         delay = min(delay, self.MAX_WAIT * device)
         return delay if delay >= self.MIN_WAIT else None
 
@@ -467,7 +476,7 @@ class Engine:
             try:
                 launched = self._launch(plan, prev, timer)
                 if prev is not None:  # the host time that must end before `prev` does
-                    self._pacer.add_host(launched.queued - planned_at)
+                    self._pacer.add_host(launched.key[0], launched.queued - planned_at)
             except EngineFailure:  # the data plane cannot go on: the loop stops
                 raise
             except Exception as e:  # noqa: BLE001 - the step fails, its requests fail, we go on

@@ -361,11 +361,17 @@ def test_pacer_estimates_lean_safe():
     assert pacer.delay(running, 10.0) is None  # no device estimate yet
     pacer.add_device(('decode', 4), 0.010)
     assert pacer.delay(running, 10.0) is None  # no host estimate yet
-    pacer.add_host(0.001)
+    pacer.add_host('decode', 0.001)
     assert pacer.delay(running, 10.0) == pytest.approx(0.010 - 0.001 - pacer.MARGIN)
     pacer.add_device(('decode', 4), 0.012)  # the shortest recent duration, the longest host
-    pacer.add_host(0.002)
+    pacer.add_host('decode', 0.002)
     assert pacer.delay(running, 10.0) == pytest.approx(0.010 - 0.002 - pacer.MARGIN)
+    # a prompt's long eager launch counts for mixed steps only, not for the decode steps
+    pacer.add_host('mixed', 0.009)
+    assert pacer.delay(running, 10.0) == pytest.approx(0.010 - 0.002 - pacer.MARGIN)
+    mixed = engine_mod._Launched(2, np.zeros(0, np.int32), key=('mixed', 256), start=10.0)
+    pacer.add_device(('mixed', 256), 0.010)
+    assert pacer.delay(mixed, 10.0) == pytest.approx(0.010 - 0.009 - pacer.MARGIN)
     assert pacer.delay(running, 10.0075) is None  # too little left to be worth a wait
     running.start = None
     assert pacer.delay(running, 10.0) is None  # the running step's start is unknown
@@ -373,7 +379,7 @@ def test_pacer_estimates_lean_safe():
     assert pacer.delay(running, 10.0) is None  # no estimate for this kind of step
     pacer.add_device(('decode', 8), 1.0)
     pacer.host.clear()
-    pacer.add_host(0.0)
+    pacer.add_host('decode', 0.0)
     assert pacer.delay(running, 10.0) == pytest.approx(0.9)  # capped at 0.9 x the estimate
     pacer.miss()
     assert pacer.extra > 0 and pacer.delay(running, 10.0) < 1.0 - pacer.MARGIN
