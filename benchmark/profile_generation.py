@@ -342,6 +342,9 @@ def main(argv=None):
     p.add_argument('--kv_int8_scales', default=None, choices=('per_tensor', 'per_head', 'online'),
                    help='int8 KV scales: calibrated files (per_tensor / per_head; --dummy uses '
                         'synthetic ones) or online (per token, no files)')
+    p.add_argument('--weight_layout', default=None, choices=('in_out', 'out_in'),
+                   help='layer GEMM weights in memory: in_out (default, as on disk) or out_in '
+                        '(in contiguous; an experiment, see bench_gemm_layout.py)')
     p.add_argument('--no_warmup', action='store_true',
                    help='skip the untimed warm-up round of each row')
     p.add_argument('--seed', type=int, default=0,
@@ -363,7 +366,8 @@ def main(argv=None):
                      session_len=args.session_len or need_len)
     if args.no_cuda_graph:
         overrides['cuda_graph'] = False
-    overrides.update(quant_policy=args.quant_policy, kv_int8_scales=args.kv_int8_scales)
+    overrides.update(quant_policy=args.quant_policy, kv_int8_scales=args.kv_int8_scales,
+                     weight_layout=args.weight_layout)
     if args.cache_max_entry_count is None:
         overrides['cache_max_entry_count'] = 0.6 if args.compare else 0.9
     if args.max_prefill_tokens is None:
