@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU checks and A/B runs that CPU-side work left pending (benchmark/NOTES.md, "Not
+# measured on the GPU"), in priority order, each phase skipped when BUDGET would not cover it.
+# One device call runs at most 10 minutes: pick phases with PHASES.
+#
+#   OUT=$OUT PHASES="tests layout int8 b1 b2long" BUDGET=560 bash benchmark/gpu_checks.sh
+#   OUT=$OUT PHASES="b4 fused" FUSED_TREE=build/fused BUDGET=560 bash benchmark/gpu_checks.sh
+#
+# Phases (about how long each takes on the H100):
+#   tests   engine + int8 GPU tests, with the fast_i8 equality test (~150 s)
+#   layout  bench_gemm_layout.py: cuBLAS with [in, out] vs [out, in] weights (~60 s)
+#   int8    bench_kernels.py --only int8 --sweep (fast_i8 among the candidates) (~90 s)
+#   b1      B1 128->2048 bs1, weight_layout in_out then out_in (~80 s)
+#   b2long  B2 64:2048:2048 fp16 and int8 under the scheduler's admission check (~200 s)
+#   b4      B4 rate 4 against api_server without and with --jit_schedule (~150 s; the serving
+#           wheels must be installed, see gpu_b3_b4.sh)
+#   fused   FUSED_TREE (a snapshot of branch exp/fused-linear): its GPU test, its bench, and B1
+#           with the fused GEMMs on and off (~200 s)
+set -u -o pipefail
+OUT=$(realpath -m "${OUT:-./gpu_checks_out}")
+PHASES=${PHASES:-tests layout int8 b1 b2long}
+BUDGET=${BUDGET:-560}
+FUSED_TREE=${FUSED_TREE:-}
+PORT=${PORT:-23333}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+T0=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+say() { echo "[$(($(date +%s) - T0))s] $*"; }
+want() { [[ " $PHASES " == *" $1 "* ]] && { [ "$(left)" -gt "$2" ] || { say "$1 skipped: $(left)s left"; false; }; }; }
+gen() { python3 benchmark/profile_generation.py --dummy llama2-7b "$@"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 ||
+  { tail -20 "$OUT/install.log"; exit 1; }
+say installed
+if want tests 150; then
+  timeout $(($(left) - 10)) python3 -m pytest -q tests/gpu/test_engine_gpu.py \
+    tests/gpu/test_kv_int8_gpu.py >"$OUT/tests.log" 2>&1
+  tail -3 "$OUT/tests.log"; say tests
+fi
+if want layout 60; then
+  timeout $(($(left) - 10)) python3 benchmark/bench_gemm_layout.py --tokens 1,4,16,64,256 \
+    --out "$OUT/gemm_layout.json" 2>&1 | tee "$OUT/gemm_layout.log" | tail -40; say layout
+fi
+if want int8 90; then
+  timeout $(($(left) - 10)) python3 benchmark/bench_kernels.py --only int8 --sweep \
+    --out "$OUT/int8_sweep.json" >"$OUT/int8_sweep.log" 2>&1
+  grep -E "fast_i8|best|^decode_attn" "$OUT/int8_sweep.log" | tail -20; say int8
+fi
+if want b1 80; then
+  for layout in in_out out_in; do
+    timeout $(($(left) - 10)) gen --rows 1:128:2048 --test_round 2 --weight_layout $layout \
+      --out "$OUT/b1_$layout.json" 2>&1 | tail -3
+  done
+  say b1
+fi
+if want b2long 200; then
+  timeout $(($(left) - 10)) gen --rows 64:2048:2048 --test_round 1 --out "$OUT/b2_2048.json" \
+    2>&1 | tail -3
+  timeout $(($(left) - 10)) gen --rows 64:2048:2048 --test_round 1 --quant_policy 4 \
+    --kv_int8_scales per_tensor --cache_max_entry_count 1.0 --max_prefill_tokens 4096 \
+    --out "$OUT/b2_2048_int8.json" 2>&1 | tail -3
+  say b2long
+fi
+if want b4 150; then
+  for jit in off on; do
+    flag=$([ $jit = on ] && echo --jit_schedule)
+    python3 -m lmdeploy.serve.openai.api_server --dummy llama2-7b --server_port "$PORT" \
+      --log_level warning --engine_timing $flag >"$OUT/server_jit_$jit.log" 2>&1 &
+    server=$!
+    for _ in $(seq 240); do
+      curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
+      kill -0 $server 2>/dev/null || break
+      sleep 0.5
+    done
+    timeout $(($(left) - 10)) python3 benchmark/profile_restful_api.py synthetic \
+      --base_url "http://127.0.0.1:$PORT" --request_rate 4 --num_prompts 120 --vocab_size 32000 \
+      --no_progress --out "$OUT/b4_jit_$jit.json" 2>&1 | tail -12
+    kill -INT $server
+    wait $server
+  done
+  say b4
+fi
+if want fused 200 && [ -n "$FUSED_TREE" ]; then
+  (cd "$FUSED_TREE" && python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null &&
+   timeout $(($(left) - 10)) python3 -m pytest -q tests/gpu/test_fused_linear_gpu.py 2>&1 | tail -2 &&
+   timeout $(($(left) - 10)) python3 benchmark/bench_fused_linear.py --sweep \
+     --out "$OUT/fused_linear.json" 2>&1 | tail -25 &&
+   for fused in 1 0; do
+     LMDEPLOY_FUSED_LINEAR=$fused timeout $(($(left) - 10)) python3 \
+       benchmark/profile_generation.py --dummy llama2-7b --rows 1:128:2048 --test_round 2 \
+       --out "$OUT/b1_fused_$fused.json" 2>&1 | tail -2
+   done)
+  say fused
+fi
+say done
