@@ -195,6 +195,10 @@ def test_cancel_stops_a_streaming_reply(server, browser, lagging):
         page = open_page(browser, f'http://127.0.0.1:{port}/')
         say(page, 'What is 12 + 5?')
         wait_for_text(page, '12 + 5 = 17.')
+        session, limit = bots[0].session, bots[0].cfg.session_len
+        # gradio reads the reply as fast as it comes and the page may play it back later: on a
+        # slow machine the whole reply can be read before the click (nothing left to cancel)
+        far_from_done = session.sequence_length < limit - 300
         page.locator('#cancel').click()
         # the page stops changing at once, even when the engine is done and the browser lags
         # behind the stream (the rest of the reply is never shown)
@@ -204,8 +208,11 @@ def test_cancel_stops_a_streaming_reply(server, browser, lagging):
             if chat_text(page) != stopped:
                 stopped, since = chat_text(page), time.monotonic()
         assert time.monotonic() - since >= 1.5, 'the reply kept streaming after Cancel'
-        # cut short: the session goes on from what was shown, not from a full session
-        assert bots[0].session.sequence_length < bots[0].cfg.session_len - 8
+        # cut short: the session goes on from what was read, not from a full session
+        if far_from_done:
+            assert session.sequence_length < limit - 8, session.sequence_length
+        else:
+            assert not lagging  # the lagging reader is slow by construction
         # the session is kept: the next message is answered in the same conversation
         say(page, 'Add 3 to that.')
         wait_for_text(page, 'Add 3 to that.')
