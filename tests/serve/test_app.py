@@ -175,7 +175,14 @@ def test_cancel_stops_a_streaming_reply(server, browser, lagging):
     from lmdeploy.serve.turbomind.chatbot import Chatbot
     bots = []
 
-    class LaggingChatbot(Chatbot):
+    class UIChatbot(Chatbot):
+        read_at_cancel = None  # tokens of the session the UI had read when Cancel came
+
+        def cancel(self, session_id):
+            self.read_at_cancel = self.session.sequence_length
+            return super().cancel(session_id)
+
+    class LaggingChatbot(UIChatbot):
         def _request(self, session, inputs):
             responses = list(super()._request(session, inputs))  # the engine finishes first
             for response in responses:
@@ -183,7 +190,7 @@ def test_cancel_stops_a_streaming_reply(server, browser, lagging):
                 yield response
 
     def make_chatbot():
-        cls = LaggingChatbot if lagging else Chatbot
+        cls = LaggingChatbot if lagging else UIChatbot
         bots.append(cls(server.addr, ignore_eos=True, log_level=logging.ERROR))
         return bots[-1]
 
@@ -195,10 +202,7 @@ def test_cancel_stops_a_streaming_reply(server, browser, lagging):
         page = open_page(browser, f'http://127.0.0.1:{port}/')
         say(page, 'What is 12 + 5?')
         wait_for_text(page, '12 + 5 = 17.')
-        session, limit = bots[0].session, bots[0].cfg.session_len
-        # gradio reads the reply as fast as it comes and the page may play it back later: on a
-        # slow machine the whole reply can be read before the click (nothing left to cancel)
-        far_from_done = session.sequence_length < limit - 300
+        bot = bots[0]
         page.locator('#cancel').click()
         # the page stops changing at once, even when the engine is done and the browser lags
         # behind the stream (the rest of the reply is never shown)
@@ -208,11 +212,14 @@ def test_cancel_stops_a_streaming_reply(server, browser, lagging):
             if chat_text(page) != stopped:
                 stopped, since = chat_text(page), time.monotonic()
         assert time.monotonic() - since >= 1.5, 'the reply kept streaming after Cancel'
-        # cut short: the session goes on from what was read, not from a full session
-        if far_from_done:
-            assert session.sequence_length < limit - 8, session.sequence_length
-        else:
-            assert not lagging  # the lagging reader is slow by construction
+        # Cancel reached the bot; the UI stopped reading right there, and the session goes on
+        # from what was read. (gradio reads as fast as replies come while the page may show
+        # them later: on a loaded machine a fast engine's whole reply can be read before the
+        # click lands, and then there is nothing left to cut.)
+        assert bot.read_at_cancel is not None, 'Cancel never reached the chatbot'
+        assert bot.session.sequence_length <= bot.read_at_cancel + 2
+        if lagging:  # slow by construction: far from the end at the click
+            assert bot.session.sequence_length < bot.cfg.session_len - 100
         # the session is kept: the next message is answered in the same conversation
         say(page, 'Add 3 to that.')
         wait_for_text(page, 'Add 3 to that.')
