@@ -25,13 +25,8 @@ HOST_VOCAB=${HOST_VOCAB:-32000}
 VOCAB=${VOCAB:-32000}
 DEVICE=${DEVICE:-cuda}
 PORT=${PORT:-23333}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-T0=$(date +%s)
-left() { echo $((BUDGET - ($(date +%s) - T0))); }
-say() { echo "[$(($(date +%s) - T0))s] $*"; }
+. "$(dirname "$0")/gpu_lib.sh"
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 say "host overhead without a model (${HOST_ROWS} rows, ready-made logits, 12 ms of device time)"
 for tree in ${BEFORE:+"$BEFORE"} .; do
   tag=$([ "$tree" = . ] && echo after || echo before)
@@ -57,11 +52,7 @@ if [ "$(left)" -gt 90 ]; then
   python3 -m lmdeploy.serve.openai.api_server --dummy "$SHAPE" --server_port "$PORT" \
     --log_level warning --engine_timing ${SERVER_FLAGS:-} >"$OUT/server.log" 2>&1 &
   server=$!
-  for _ in $(seq 240); do
-    curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
-    kill -0 $server 2>/dev/null || break
-    sleep 0.5
-  done
+  wait_for_server $server "$PORT"
   say "server up"
   rates="" need=20
   for r in $RATES; do  # each rate needs about B4_PROMPTS / r seconds plus a tail

@@ -22,15 +22,10 @@ PHASES=${PHASES:-tests layout int8 b1 b2long}
 BUDGET=${BUDGET:-560}
 FUSED_TREE=${FUSED_TREE:-}
 PORT=${PORT:-23333}
-export PYTHONUNBUFFERED=1
-mkdir -p "$OUT"
-T0=$(date +%s)
-left() { echo $((BUDGET - ($(date +%s) - T0))); }
-say() { echo "[$(($(date +%s) - T0))s] $*"; }
+. "$(dirname "$0")/gpu_lib.sh"
 want() { [[ " $PHASES " == *" $1 "* ]] && { [ "$(left)" -gt "$2" ] || { say "$1 skipped: $(left)s left"; false; }; }; }
 gen() { python3 benchmark/profile_generation.py --dummy llama2-7b "$@"; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$OUT/gpu.txt" 2>&1
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 ||
   { tail -20 "$OUT/install.log"; exit 1; }
 say installed
@@ -69,11 +64,7 @@ if want b4 150; then
     python3 -m lmdeploy.serve.openai.api_server --dummy llama2-7b --server_port "$PORT" \
       --log_level warning --engine_timing $flag >"$OUT/server_jit_$jit.log" 2>&1 &
     server=$!
-    for _ in $(seq 240); do
-      curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break
-      kill -0 $server 2>/dev/null || break
-      sleep 0.5
-    done
+    wait_for_server $server "$PORT"
     timeout $(($(left) - 10)) python3 benchmark/profile_restful_api.py synthetic \
       --base_url "http://127.0.0.1:$PORT" --request_rate 4 --num_prompts 120 --vocab_size 32000 \
       --no_progress --out "$OUT/b4_jit_$jit.json" 2>&1 | tail -12
