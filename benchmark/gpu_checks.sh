@@ -24,7 +24,7 @@ FUSED_TREE=${FUSED_TREE:-}
 PORT=${PORT:-23333}
 . "$(dirname "$0")/gpu_lib.sh"
 want() { [[ " $PHASES " == *" $1 "* ]] && { [ "$(left)" -gt "$2" ] || { say "$1 skipped: $(left)s left"; false; }; }; }
-gen() { python3 benchmark/profile_generation.py --dummy llama2-7b "$@"; }
+GEN="python3 benchmark/profile_generation.py --dummy llama2-7b"  # a variable: timeout cannot run a function
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 ||
   { tail -20 "$OUT/install.log"; exit 1; }
@@ -45,15 +45,15 @@ if want int8 90; then
 fi
 if want b1 80; then
   for layout in in_out out_in; do
-    timeout $(($(left) - 10)) gen --rows 1:128:2048 --test_round 2 --weight_layout $layout \
+    timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --weight_layout $layout \
       --out "$OUT/b1_$layout.json" 2>&1 | tail -3
   done
   say b1
 fi
 if want b2long 200; then
-  timeout $(($(left) - 10)) gen --rows 64:2048:2048 --test_round 1 --out "$OUT/b2_2048.json" \
+  timeout $(($(left) - 10)) $GEN --rows 64:2048:2048 --test_round 1 --out "$OUT/b2_2048.json" \
     2>&1 | tail -3
-  timeout $(($(left) - 10)) gen --rows 64:2048:2048 --test_round 1 --quant_policy 4 \
+  timeout $(($(left) - 10)) $GEN --rows 64:2048:2048 --test_round 1 --quant_policy 4 \
     --kv_int8_scales per_tensor --cache_max_entry_count 1.0 --max_prefill_tokens 4096 \
     --out "$OUT/b2_2048_int8.json" 2>&1 | tail -3
   say b2long

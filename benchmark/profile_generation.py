@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lmdeploy.turbomind.kernels import compiled_variants  # noqa: E402
 
 B1_PAIRS = [(1, 128), (128, 2048), (2048, 128)]
 B2_CONCURRENCY = [1, 16, 32, 64, 128]
@@ -143,16 +144,25 @@ def _pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float('nan')
 
 
-def profile_row(tm, c: int, i: int, o: int, rounds: int, warmup: bool, seed: int) -> dict:
+def profile_row(tm, c: int, i: int, o: int, rounds: int, warmup: bool, seed: int,
+                engine_timing: bool = False) -> dict:
     cfg = tm.config
     if warmup:  # compile the prefill/decode shapes of this row
         run_round(tm, make_prompts(c, i, cfg.vocab_size, cfg.start_id, seed + 99), min(o, 4))
+    compiles = compiled_variants()
+    timer = None
+    if engine_timing:
+        from lmdeploy.turbomind.step_timer import StepTimer
+        tm.engine.timer = timer = StepTimer()
     results = []
     bar = _progress(rounds * o, f'bs{c} {i}->{o}')
     for r in range(rounds):
         prompts = make_prompts(c, i, cfg.vocab_size, cfg.start_id, seed + r)
         results.append(run_round(tm, prompts, o, bar))
     bar.close()
+    if timer is not None:
+        timing = tm.engine.call(timer.report)
+        tm.engine.timer = None
     ttft = [x for res in results for x in res['ttft']]
     gaps = [x for res in results for x in res['gaps']]
     row = dict(concurrency=c, input_seqlen=i, output_seqlen=o, rounds=rounds,
@@ -170,8 +180,20 @@ def profile_row(tm, c: int, i: int, o: int, rounds: int, warmup: bool, seed: int
           f'token latency(min, max, ave): {min(gaps, default=0):.4f}s, '
           f'{max(gaps, default=0):.4f}s, {np.mean(gaps) if gaps else 0:.4f}s\n'
           f'throughput: {row["out_tok_s"]:.2f} token/s', flush=True)
+    if compiles >= 0:  # Triton compiles inside the timed rounds (the warm-up should do them)
+        row['triton_compiles'] = compiled_variants() - compiles
+        if row['triton_compiles']:
+            print(f"{row['triton_compiles']} Triton kernel variant(s) compiled during the timed "
+                  'rounds', flush=True)
+    if timer is not None:
+        row['engine_timing'] = timing
+        print('engine_timing: ' + ', '.join(
+            f'{k} {v:.0f}' if isinstance(v, float) else f'{k} {v}' for k, v in timing.items()),
+            flush=True)
     if torch.cuda.is_available() and tm.config.device.startswith('cuda'):
         row['gpu_mem_max_alloc_gib'] = torch.cuda.max_memory_allocated() / 2**30
+        # > 0: the caching allocator ran out, freed its cache and retried (slow, syncs)
+        row['alloc_retries'] = torch.cuda.memory_stats().get('num_alloc_retries', 0)
         free, total = torch.cuda.mem_get_info()
         row['gpu_mem_used_gib'] = (total - free) / 2**30
     return row
@@ -345,6 +367,10 @@ def main(argv=None):
     p.add_argument('--weight_layout', default=None, choices=('in_out', 'out_in'),
                    help='layer GEMM weights in memory: in_out (default, as on disk) or out_in '
                         '(in contiguous; an experiment, see bench_gemm_layout.py)')
+    p.add_argument('--engine_timing', action='store_true',
+                   help="time the engine loop's steps by phase during each row's timed rounds "
+                        '(host wall time per step, decode-only and mixed steps apart; '
+                        'lmdeploy/turbomind/step_timer.py) and print it')
     p.add_argument('--no_warmup', action='store_true',
                    help='skip the untimed warm-up round of each row')
     p.add_argument('--seed', type=int, default=0,
@@ -393,7 +419,8 @@ def main(argv=None):
                 c = max_concurrency(tm, i, o)
                 print(f'max batch for {i}/{o}: {c} sessions', flush=True)
             results['rows'].append(profile_row(tm, c, i, o, args.test_round,
-                                               not args.no_warmup, args.seed))
+                                               not args.no_warmup, args.seed,
+                                               args.engine_timing))
         if args.compare == 'hf':
             if not args.dummy:
                 raise SystemExit('--compare hf needs --dummy (the weights must be in memory)')

@@ -13,7 +13,8 @@ Construction order is the memory plan's (GPU):
 2. int8 KV scales (``quant_policy = 4`` with calibrated scales; kv_scales.py), then weights;
 3. a profiling forward of ``max_prefill_tokens`` dummy prompt tokens plus ``max_batch_size``
    decode rows over a scratch KV pool: its ``max_memory_allocated`` growth is the activation
-   peak (plus a margin for the sampler's ``[max_batch_size, vocab]`` fp32 work);
+   peak (plus as much again for the caching allocator's rounding and fragmentation, and a
+   margin for the sampler's ``[max_batch_size, vocab]`` fp32 work);
 4. a reserve for the CUDA graphs' memory pool (their logits outputs plus the largest
    bucket's activations);
 5. the KV pool from ``cache_max_entry_count``: <= 1 is that fraction of what is free after 3
@@ -46,6 +47,12 @@ from .weights import load_weights, set_layout
 CPU_FRACTION_SESSIONS = 1
 # Slack kept free beyond the measured terms (allocator fragmentation, NCCL, cuBLAS workspaces).
 GPU_SLACK_BYTES = 256 << 20
+# The caching allocator rounds and splits blocks, and eager steps of changing shapes fragment
+# its segments, so beside the profiled activation peak this much more of it stays free. With
+# the peak alone (+ the slack), cache_max_entry_count 1.0 left 0.87 GiB free on the H100 and
+# an int8 B2 2048/2048 row ran out twice (each time the allocator frees its whole cache,
+# synchronizing, and retries); with the headroom, none (benchmark/NOTES.md, session 5).
+ALLOCATOR_HEADROOM = 1.0  # x the activation peak
 
 
 class ModelRunner:
@@ -175,8 +182,8 @@ class ModelRunner:
         return blocks
 
     def _gpu_free_bytes(self) -> int:
-        """Free device memory once weights are loaded, minus the profiled activation peak,
-        the sampler margin, the decode-graph reserve and a slack."""
+        """Free device memory once weights are loaded, minus the profiled activation peak and
+        the allocator's headroom over it, the sampler margin, the graph reserve and a slack."""
         cfg = self.cfg
         activations = self.profile_activation_bytes()
         sampler = cfg.max_batch_size * cfg.vocab_size * 4 * 4
@@ -184,10 +191,11 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(self.device)
+        headroom = int(activations * ALLOCATOR_HEADROOM)
         self.memory.update(weights=self.weights.nbytes(), activations=activations,
-                           sampler_margin=sampler, graph_reserve=graphs, slack=GPU_SLACK_BYTES,
-                           free_before_kv=free)
-        return max(0, free - activations - sampler - graphs - GPU_SLACK_BYTES)
+                           allocator_headroom=headroom, sampler_margin=sampler,
+                           graph_reserve=graphs, slack=GPU_SLACK_BYTES, free_before_kv=free)
+        return max(0, free - activations - headroom - sampler - graphs - GPU_SLACK_BYTES)
 
     def _prompt_buckets(self):
         return prompt_buckets(min(self.cfg.max_prefill_tokens, self.cfg.session_len))

@@ -281,6 +281,33 @@ def test_mixed_decode_and_prefill(dtype, hq, hkv, page):
     check_attention(args, dtype)
 
 
+def test_step_shapes_compile_no_new_variants():
+    """Once each kind of launch (decode or mixed, one partition or split-K) has run, steps of
+    other batch sizes, contexts and block-table widths reuse the compiled kernels: a new
+    variant would be a compile (a second or so) inside some request's latency."""
+    def run(rows, seed):
+        args = make_attention(rows, 32, 8, 128, 64, torch.float16, seed=seed)
+        paged_attention_triton(*args)
+
+    # decode / mixed, each with one partition per row (64 rows of 64) and split-K (one row)
+    for rows in ([(63, 1)] * 64, [(3000, 1)], [(63, 1)] * 64 + [(0, 64)],
+                 [(3000, 1), (0, 300)]):
+        run(rows, 0)
+    torch.cuda.synchronize()
+    before = kernels.compiled_variants()
+    assert before > 0
+    g = torch.Generator().manual_seed(7)
+    for i in range(24):
+        B = int(torch.randint(1, 90, (1,), generator=g))
+        ctx = torch.randint(0, 3500, (B,), generator=g).tolist()
+        rows = [(c, 1) for c in ctx]
+        if i % 2:  # a prompt chunk too, alone or over a cached prefix
+            rows.append((int(ctx[0]) if i % 4 == 1 else 0, 1 + i * 37))
+        run(rows, i)
+    torch.cuda.synchronize()
+    assert kernels.compiled_variants() == before
+
+
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_long_prefill(dtype):
     args = make_attention([(1000, 2048)], 32, 8, 128, 64, dtype, seed=11)

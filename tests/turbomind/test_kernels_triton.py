@@ -56,6 +56,14 @@ _case('attn-decode-split3', op='attn', D=32, hq=4, hkv=2, page=4, rows=[(40, 1),
       dtype='float32', num_splits=3)
 _case('attn-decode-split-auto-long', op='attn', D=16, hq=2, hkv=1, page=16,
       rows=[(300, 1), (17, 1)], dtype='float32')
+# more partitions than the combine kernel merges per iteration (COMBINE_CHUNK 16): 38
+# partitions of 8 tokens, 3 chunks for the long row, 1 for the short ones; and mixed
+_case('attn-decode-split38', op='attn', D=16, hq=2, hkv=1, page=4,
+      rows=[(300, 1), (5, 1), (70, 1)], dtype='float32', num_splits=40,
+      decode_cfg=dict(BLOCK_N=8))
+_case('attn-mixed-split38', op='attn', D=16, hq=4, hkv=2, page=4,
+      rows=[(300, 1), (0, 9), (133, 1)], dtype='float32', num_splits=40,
+      decode_cfg=dict(BLOCK_N=8))
 _case('attn-decode-nodot', op='attn', D=32, hq=4, hkv=1, page=4, rows=[(9, 1), (50, 1)],
       dtype='float32', num_splits=2, decode_cfg=dict(use_dot=False, BLOCK_N=16))
 _case('attn-decode-blockn-lt-page', op='attn', D=16, hq=2, hkv=2, page=16,

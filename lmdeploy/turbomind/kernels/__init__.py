@@ -90,6 +90,26 @@ def select(device='cpu', impl: str = None) -> Kernels:
     return Kernels(fns, chosen)
 
 
-__all__ = ['OPS', 'Kernels', 'select', 'rms_norm_ref', 'rotary_embedding_ref', 'store_kv_ref',
+def compiled_variants() -> int:
+    """How many compiled variants the Triton kernels of this package hold, all devices
+    together (-1 when this Triton keeps them elsewhere). A count that grows while serving means
+    a step met a new specialisation and waited for a compile."""
+    import sys
+    total = 0
+    for name, mod in list(sys.modules.items()):
+        if not name.startswith(f'{__name__}.triton_') or mod is None:
+            continue
+        for obj in vars(mod).values():
+            caches = getattr(obj, 'device_caches', None)
+            if caches is None or not hasattr(obj, 'run'):
+                continue
+            try:
+                total += sum(len(c[0]) for c in caches.values())
+            except (TypeError, IndexError):
+                return -1
+    return total
+
+
+__all__ = ['OPS', 'Kernels', 'select', 'compiled_variants', 'rms_norm_ref', 'rotary_embedding_ref', 'store_kv_ref',
            'rotary_store_kv_ref', 'paged_attention_ref', 'silu_and_mul_ref',
            'prompt_attention_ref']

@@ -129,11 +129,14 @@ def _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d, kv_mask, stride_
     return blk, k, v
 
 
-@triton.jit
+# Values that change from step to step are not specialised on (Triton would compile a variant
+# per divisibility class, on the first step that meets it: a second of compile inside a
+# request's latency); the split count is the grid's third dimension, not a constant.
+@triton.jit(do_not_specialize=['partition', 'stride_bt'])
 def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                    stride_vh, stride_bt, stride_ot, stride_oh, stride_qpkv, stride_qpb,
-                   stride_qph, QUANT: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                   stride_qph, QUANT: tl.constexpr, SPLIT_K: tl.constexpr,
                    GROUP: tl.constexpr, G_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -196,23 +199,25 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
         m_i = m_new
     acc = _finish_acc(acc, l_i, QP, kvh, stride_qpkv, QUANT)
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_K:
         out = acc / l_i[:, None]
         tl.store(O + tok.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
     else:
-        # scratch: TmpO [B, hq, NUM_SPLITS, BLOCK_D], TmpML [B, hq, NUM_SPLITS, 2]
+        # scratch: TmpO [B, hq, splits, BLOCK_D], TmpML [B, hq, splits, 2]
         hq = tl.num_programs(1) * GROUP
-        base = (b.to(tl.int64) * hq + heads) * NUM_SPLITS + split  # [G_PAD]
+        base = (b.to(tl.int64) * hq + heads) * tl.num_programs(2) + split  # [G_PAD]
         tl.store(TmpO + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mask_g[:, None])
         tl.store(TmpML + base * 2, m_i, mask=mask_g)
         tl.store(TmpML + base * 2 + 1, l_i, mask=mask_g)
 
 
-@triton.jit
-def _combine_kernel(TmpO, TmpML, CU, KVL, O, partition, stride_ot, stride_oh,
-                    NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, MIXED: tl.constexpr):
+@triton.jit(do_not_specialize=['partition', 'num_splits'])
+def _combine_kernel(TmpO, TmpML, CU, KVL, O, partition, num_splits, stride_ot, stride_oh,
+                    CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MIXED: tl.constexpr):
+    """Merge the non-empty partitions of one (row, head), CHUNK of them at a time with a
+    running max (any split count, one compiled variant)."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     if MIXED:
@@ -223,24 +228,32 @@ def _combine_kernel(TmpO, TmpML, CU, KVL, O, partition, stride_ot, stride_oh,
         tok = b
     hq = tl.num_programs(1)
     kv_len = tl.load(KVL + b)
-    n_valid = (kv_len + partition - 1) // partition
-    offs_s = tl.arange(0, SPLITS_PAD)
+    n_valid = tl.minimum((kv_len + partition - 1) // partition, num_splits)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < tl.minimum(n_valid, NUM_SPLITS)
-    base = (b.to(tl.int64) * hq + h) * NUM_SPLITS + offs_s
-    m = tl.load(TmpML + base * 2, mask=mask_s, other=float('-inf'))
-    l = tl.load(TmpML + base * 2 + 1, mask=mask_s, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.exp2(m - m_max)
-    w = tl.where(mask_s, w, 0.0)
-    acc = tl.load(TmpO + base[:, None] * BLOCK_D + offs_d[None, :], mask=mask_s[:, None],
-                  other=0.0)
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
+    row = (b.to(tl.int64) * hq + h) * num_splits
+    m_run = float('-inf')
+    l_run = 0.0
+    acc_run = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(0, n_valid, CHUNK):
+        offs_s = s0 + tl.arange(0, CHUNK)
+        mask_s = offs_s < n_valid
+        base = row + offs_s
+        m = tl.load(TmpML + base * 2, mask=mask_s, other=float('-inf'))
+        l = tl.load(TmpML + base * 2 + 1, mask=mask_s, other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))  # finite: a valid split saw tokens
+        alpha = tl.exp2(m_run - m_new)
+        w = tl.where(mask_s, tl.exp2(m - m_new), 0.0)
+        acc = tl.load(TmpO + base[:, None] * BLOCK_D + offs_d[None, :], mask=mask_s[:, None],
+                      other=0.0)
+        acc_run = acc_run * alpha + tl.sum(acc * w[:, None], axis=0)
+        l_run = l_run * alpha + tl.sum(l * w, axis=0)
+        m_run = m_new
+    out = acc_run / l_run
     tl.store(O + tok.to(tl.int64) * stride_ot + h * stride_oh + offs_d,
              out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=['num_rows', 'stride_bt'])
 def _prefill_kernel(Q, K, V, BT, CU, KVL, O, QP, qk_scale, num_rows,
                     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                     stride_vh, stride_bt, stride_ot, stride_oh, stride_qpkv, stride_qpb,
@@ -361,12 +374,14 @@ def _next_pow2(n: int) -> int:
 # on one row's context: B1 ctx 1100 10.7 -> 9.3 us, ctx 300 9.4 -> 7.4 (hint 4096); B64/B146
 # unchanged (H100, bench_kernels.py --only decode --sweep, benchmark/NOTES.md session 4).
 DECODE_CFG = dict(BLOCK_N=64, num_warps=4, num_stages=3, min_partition=128, waves=8,
-                  use_dot=True, fast_i8=False)  # fast_i8: see _load_kv (not yet timed)
+                  use_dot=True, fast_i8=False)  # fast_i8: int8 caches only, see _load_kv
 PREFILL_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
+COMBINE_CHUNK = 16  # partitions the combine kernel merges per iteration
 # Overrides of DECODE_CFG for int8 caches. An int8 tile is half the bytes of an fp16 one, so a
 # deeper pipeline (2 tiles in flight instead of 1) keeps as many bytes in flight: static scales
-# 882 -> 843 us at B64 ctx4096 MHA on the H100 (benchmark/NOTES.md); online not swept.
-INT8_DECODE_CFG = {STATIC: dict(num_stages=5), ONLINE: dict()}
+# 882 -> 843 us at B64 ctx4096 MHA on the H100 (benchmark/NOTES.md). fast_i8 (int8 -> fp16 by
+# bits, exact) on top: 857 -> 799 us, 2.50 -> 2.69 TB/s (session 5 sweep); online not swept.
+INT8_DECODE_CFG = {STATIC: dict(num_stages=5, fast_i8=True), ONLINE: dict()}
 
 
 def decode_splits(batch: int, hkv: int, max_kv: int, device, cfg=None):
@@ -444,15 +459,15 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _decode_kernel[(B, hkv, splits)](
         q, k_cache, v_cache, block_table, cu_seqlens, kv_lens, out, tmp_o, tmp_ml, qp, qk_scale,
         partition, q.stride(0), q.stride(1), *common_strides, QUANT=quant,
-        NUM_SPLITS=splits, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
+        SPLIT_K=splits > 1, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE=page, USE_DOT=use_dot, DOT_PREC=prec, MIXED=mixed,
         FAST_I8=bool(cfg.get('fast_i8', False)),
         num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
     if splits > 1:
-        _combine_kernel[(B, hq)](tmp_o, tmp_ml, cu_seqlens, kv_lens, out, partition,
-                                 out.stride(0), out.stride(1), NUM_SPLITS=splits,
-                                 SPLITS_PAD=_next_pow2(splits), HEAD_DIM=D, BLOCK_D=block_d,
-                                 MIXED=mixed, num_warps=4 if block_d >= 128 else 2)
+        _combine_kernel[(B, hq)](tmp_o, tmp_ml, cu_seqlens, kv_lens, out, partition, splits,
+                                 out.stride(0), out.stride(1), CHUNK=COMBINE_CHUNK,
+                                 HEAD_DIM=D, BLOCK_D=block_d, MIXED=mixed,
+                                 num_warps=4 if block_d >= 128 else 2)
     if not mixed:
         return out
 
