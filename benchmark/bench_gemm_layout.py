@@ -10,6 +10,10 @@ the classic GEMV shape. For each M this times, in CUDA graphs, 32 layers' worth 
 (distinct weights, so nothing stays in L2) and the whole per-token chain (32 x qkv, o, w13, w2
 plus the LM head) in each layout, and prints us per GEMM, achieved TB/s of weight reads and
 the speed-up of [out, in]. CUDA only.
+
+Result on the H100 (benchmark/NOTES.md, session 5): [out, in] is slower at every M from 1 to
+64 (whole token at M=1: 5.20 vs 4.80 ms) and B1 end to end ran 165.7 vs 176.3 tok/s with the
+layer weights transposed, so the engine keeps v0.0.2's [in, out].
 """
 import argparse
 import json

@@ -4,23 +4,20 @@
 # One device call runs at most 10 minutes: pick phases with PHASES.
 #
 #   OUT=$OUT PHASES="tests layout int8 b1 b2long" BUDGET=560 bash benchmark/gpu_checks.sh
-#   OUT=$OUT PHASES="b4 fused" FUSED_TREE=build/fused BUDGET=560 bash benchmark/gpu_checks.sh
+#   OUT=$OUT PHASES="b4" BUDGET=560 bash benchmark/gpu_checks.sh
 #
 # Phases (about how long each takes on the H100):
 #   tests   engine + int8 GPU tests, with the fast_i8 equality test (~150 s)
 #   layout  bench_gemm_layout.py: cuBLAS with [in, out] vs [out, in] weights (~60 s)
 #   int8    bench_kernels.py --only int8 --sweep (fast_i8 among the candidates) (~90 s)
-#   b1      B1 128->2048 bs1, weight_layout in_out then out_in (~80 s)
+#   b1      B1 128->2048 bs1 (~40 s)
 #   b2long  B2 64:2048:2048 fp16 and int8 under the scheduler's admission check (~200 s)
 #   b4      B4 rate 4 against api_server without and with --jit_schedule (~150 s; the serving
 #           wheels must be installed, see gpu_b3_b4.sh)
-#   fused   FUSED_TREE (a snapshot of branch exp/fused-linear): its GPU test, its bench, and B1
-#           with the fused GEMMs on and off (~200 s)
 set -u -o pipefail
 OUT=$(realpath -m "${OUT:-./gpu_checks_out}")
 PHASES=${PHASES:-tests layout int8 b1 b2long}
 BUDGET=${BUDGET:-560}
-FUSED_TREE=${FUSED_TREE:-}
 PORT=${PORT:-23333}
 . "$(dirname "$0")/gpu_lib.sh"
 want() { [[ " $PHASES " == *" $1 "* ]] && { [ "$(left)" -gt "$2" ] || { say "$1 skipped: $(left)s left"; false; }; }; }
@@ -44,10 +41,8 @@ if want int8 90; then
   grep -E "fast_i8|best|^decode_attn" "$OUT/int8_sweep.log" | tail -20; say int8
 fi
 if want b1 80; then
-  for layout in in_out out_in; do
-    timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --weight_layout $layout \
-      --out "$OUT/b1_$layout.json" 2>&1 | tail -3
-  done
+  timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --out "$OUT/b1.json" 2>&1 |
+    tail -3
   say b1
 fi
 if want b2long 200; then
@@ -72,17 +67,5 @@ if want b4 150; then
     wait $server
   done
   say b4
-fi
-if want fused 200 && [ -n "$FUSED_TREE" ]; then
-  (cd "$FUSED_TREE" && python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null &&
-   timeout $(($(left) - 10)) python3 -m pytest -q tests/gpu/test_fused_linear_gpu.py 2>&1 | tail -2 &&
-   timeout $(($(left) - 10)) python3 benchmark/bench_fused_linear.py --sweep \
-     --out "$OUT/fused_linear.json" 2>&1 | tail -25 &&
-   for fused in 1 0; do
-     LMDEPLOY_FUSED_LINEAR=$fused timeout $(($(left) - 10)) python3 \
-       benchmark/profile_generation.py --dummy llama2-7b --rows 1:128:2048 --test_round 2 \
-       --out "$OUT/b1_fused_$fused.json" 2>&1 | tail -2
-   done)
-  say fused
 fi
 say done

@@ -364,9 +364,6 @@ def main(argv=None):
     p.add_argument('--kv_int8_scales', default=None, choices=('per_tensor', 'per_head', 'online'),
                    help='int8 KV scales: calibrated files (per_tensor / per_head; --dummy uses '
                         'synthetic ones) or online (per token, no files)')
-    p.add_argument('--weight_layout', default=None, choices=('in_out', 'out_in'),
-                   help='layer GEMM weights in memory: in_out (default, as on disk) or out_in '
-                        '(in contiguous; an experiment, see bench_gemm_layout.py)')
     p.add_argument('--engine_timing', action='store_true',
                    help="time the engine loop's steps by phase during each row's timed rounds "
                         '(host wall time per step, decode-only and mixed steps apart; '
@@ -392,8 +389,7 @@ def main(argv=None):
                      session_len=args.session_len or need_len)
     if args.no_cuda_graph:
         overrides['cuda_graph'] = False
-    overrides.update(quant_policy=args.quant_policy, kv_int8_scales=args.kv_int8_scales,
-                     weight_layout=args.weight_layout)
+    overrides.update(quant_policy=args.quant_policy, kv_int8_scales=args.kv_int8_scales)
     if args.cache_max_entry_count is None:
         overrides['cache_max_entry_count'] = 0.6 if args.compare else 0.9
     if args.max_prefill_tokens is None:

@@ -39,10 +39,6 @@ Engine keys that v0.0.2 did not have:
   plus that growth for it and for every running request, so a full pool makes requests wait
   instead of admitting, preempting and re-prefilling them; < 0 admits greedily (v0.0.2-like)
   and relies on preemption alone.
-* ``weight_layout``: how the layer GEMM weights sit in memory: 'in_out' (default; as on disk,
-  v0.0.2's [in, out], out contiguous) or 'out_in' (transposed once at load, in contiguous: the
-  same [in, out] shapes over [out, in] memory, so cuBLAS gets the GEMV form at a few tokens;
-  an experiment until the H100 says which is faster, benchmark/bench_gemm_layout.py).
 * ``kv_int8_scales``: where int8 KV (``quant_policy = 4``) takes its scales: 'per_tensor'
   (default; v0.0.2's ``layers.{i}.past_kv_scale.{tp}.weight`` files, 2 floats symmetric or 4
   asymmetric), 'per_head' (the ``....per_head.weight`` files) or 'online' (no files: a scale
@@ -60,7 +56,6 @@ from typing import Any, Dict
 
 DTYPES = ('fp32', 'fp16', 'bf16')
 KV_INT8_SCALES = ('per_tensor', 'per_head', 'online')
-WEIGHT_LAYOUTS = ('in_out', 'out_in')
 WEIGHT_TYPES = ('fp16', 'fp32')  # what the loader reads; v0.0.2 also named int8/int4
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -108,7 +103,6 @@ class EngineConfig:
     jit_schedule: bool = False  # plan n+1 just before n ends (engine.py); experimental
     admit_horizon: int = 32  # growth (tokens) reserved per request at admission; < 0: greedy
     kv_int8_scales: str = 'per_tensor'  # quant_policy 4: per_tensor | per_head | online
-    weight_layout: str = 'in_out'  # in_out | out_in (layer GEMM weights in memory)
     # --- where it came from ---
     weight_dir: str = ''
     extra: Dict[str, str] = field(default_factory=dict)
@@ -238,9 +232,6 @@ class EngineConfig:
                               f'{", ".join(WEIGHT_TYPES)})')
         if self.quant_policy not in (0, 4):
             raise ConfigError(f'quant_policy must be 0 or 4 (int8 KV), got {self.quant_policy}')
-        if self.weight_layout not in WEIGHT_LAYOUTS:
-            raise ConfigError(f'weight_layout must be one of {", ".join(WEIGHT_LAYOUTS)}, got '
-                              f'{self.weight_layout!r}')
         if self.kv_int8_scales not in KV_INT8_SCALES:
             raise ConfigError(f'kv_int8_scales must be one of {", ".join(KV_INT8_SCALES)}, got '
                               f'{self.kv_int8_scales!r}')

@@ -40,7 +40,7 @@ from .kv_cache import KVCache, kv_quant_mode
 from .kv_scales import load_kv_scales
 from .models import build_model
 from .step_input import RowPlan, StepInput, build_step_input
-from .weights import load_weights, set_layout
+from .weights import load_weights
 
 # CPU: a fraction-valued cache_max_entry_count (<= 1) is a fraction of this many full-length
 # sessions per batch slot -- there is no device memory to measure on CPU.
@@ -82,8 +82,7 @@ class ModelRunner:
             self._check_fits()
         self.kv_scales = self._load_kv_scales()  # before the weights: a bad file fails fast
         init = weights_init or load_weights
-        self.weights = set_layout(init(cfg, rank, self.tp, self.device, self.dtype),
-                                  cfg.weight_layout)
+        self.weights = init(cfg, rank, self.tp, self.device, self.dtype)
         self.comm = comm or SingleRank()
         self.model = build_model(cfg, self.weights, self.kernels, self.comm)
         self.num_blocks = self.comm.min_int(self.plan_num_blocks())

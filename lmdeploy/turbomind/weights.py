@@ -27,9 +27,6 @@ Tensors kept in memory (engine dtype, on `device`):
                                                                  the all-reduce)
                 w13   [H, 2 * I/tp]              w1 (gate) | w3 (up), fused for one GEMM
                 w2    [I/tp, H]
-
-The layer GEMM weights keep these [in, out] shapes in either memory layout (`set_layout`):
-out contiguous as on disk, or in contiguous (the transposed view of an [out, in] tensor).
 """
 import os
 import os.path as osp
@@ -76,26 +73,6 @@ class ModelWeights:
                 if t is not None:
                     total += t.numel() * t.element_size()
         return total
-
-
-LAYER_GEMMS = ('w_qkv', 'wo', 'w13', 'w2')
-
-
-def set_layout(weights: ModelWeights, layout: str) -> ModelWeights:
-    """Lay the layer GEMM weights out as `layout` says, in place: 'in_out' (out contiguous, as
-    on disk) or 'out_in' (in contiguous: `x @ w` then hands cuBLAS a transposed operand, the
-    GEMV form at a few tokens). Shapes stay [in, out]; one tensor is copied at a time."""
-    if layout not in ('in_out', 'out_in'):
-        raise ValueError(f"layout must be 'in_out' or 'out_in', got {layout!r}")
-    for lw in weights.layers:
-        for name in LAYER_GEMMS:
-            w = getattr(lw, name)
-            in_contiguous = w.stride(0) == 1 and w.stride(1) == w.shape[0]
-            if layout == 'out_in' and not in_contiguous:
-                setattr(lw, name, w.t().contiguous().t())
-            elif layout == 'in_out' and not w.is_contiguous():
-                setattr(lw, name, w.contiguous())
-    return weights
 
 
 _NP_TYPES = {'fp16': np.float16, 'fp32': np.float32}

@@ -68,7 +68,6 @@ def test_overrides_and_derivations(tmp_path):
     (dict(device='tpu'), 'device'),
     (dict(end_id=5000), 'end_id'),
     (dict(norm_eps=0), 'norm_eps'),
-    (dict(weight_layout='nk'), 'weight_layout must be one of'),
 ])
 def test_bad_values_fail_clearly(tmp_path, overrides, match):
     write_ini(tmp_path / 'config.ini', {'llama': MODEL})

@@ -184,20 +184,6 @@ def test_greedy_matches_transformers(engines, hf_model, variant, fmt):
         assert fresh(tm, ids, 12) == hf_greedy(model, ids, 12)
 
 
-@pytest.mark.parametrize('variant', ['gqa', 'internlm'])
-def test_out_in_weight_layout_matches_transformers(engines, hf_model, variant):
-    """weight_layout=out_in: the layer GEMM weights in contiguous [out, in] memory (same
-    shapes), the same greedy tokens."""
-    tm = engines(variant, weight_layout='out_in')
-    lw = tm.engine.runner.weights.layers[0]
-    for w in (lw.w_qkv, lw.wo, lw.w13, lw.w2):
-        assert w.stride(0) == 1 and w.t().is_contiguous()
-    assert engines(variant).engine.runner.weights.layers[0].w_qkv.is_contiguous()
-    model = hf_model(variant)
-    ids = prompt(11, 5)
-    assert fresh(tm, ids, 12) == hf_greedy(model, ids, 12)
-
-
 def test_greedy_without_ignore_eos_stops_where_transformers_does(engines, hf_model):
     tm, model = engines('llama'), hf_model('llama')
     ids = prompt(9, 3)
