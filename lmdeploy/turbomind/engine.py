@@ -41,9 +41,12 @@ successor's successor is planned at once. The `jit_schedule` config key turns th
 OFF by default: on the H100 it cut B4's TTFT p50 only from 22.7 to 21.4 ms while B1's
 per-token p99 went from 6.1 to 10.8 ms and B4's ITL p99 from 10.2 to 18.5 (benchmark/NOTES.md,
 session 3). Suspected then: a thread that times out of the wait gets the GIL back only after
-the holder's 5 ms switch interval; so the wait now lowers the interval to 0.5 ms
-(`JIT_SWITCH_INTERVAL`), and TurboMind freezes its start-up heap out of the garbage
-collector (a full collection stops every thread for 50-100 ms). Not yet measured on the GPU.
+the holder's 5 ms switch interval; so each wait lowers the interval to 0.5 ms
+(`JIT_SWITCH_INTERVAL`) and restores it when it ends, and TurboMind freezes its start-up heap
+out of the garbage collector (a full collection stops every thread for 50-100 ms). On the H100
+(session 5) JIT took B4's TTFT p50 from 22.7-24.4 to 18.5-20.5 ms, but with the interval left
+at 0.5 ms for good the host forward per step went from 279 to 683 us and one of two runs had a
+TTFT p99 of 503 ms: still off, the restore not yet measured.
 
 Callers on any thread reach the loop only through `submit` and `call` (both queue a command
 the loop runs between steps) and through the `Request` objects they hand in, which the loop
@@ -256,7 +259,7 @@ def _bucket(n: int) -> int:
 
 class Engine:
     """The step loop. `runner` is rank 0's ModelRunner; the scheduler is sized from it."""
-    JIT_SWITCH_INTERVAL = 0.5e-3  # sys.setswitchinterval while planning just in time (None: keep)
+    JIT_SWITCH_INTERVAL = 0.5e-3  # sys.setswitchinterval during a just-in-time wait (None: keep)
 
     def __init__(self, runner: ModelRunner):
         cfg = runner.cfg
@@ -504,11 +507,6 @@ class Engine:
         `running`, the step on the device (module docstring); False once close() was called."""
         if not self.jit_schedule or self._failed or self.scheduler.num_waiting():
             return True
-        interval = self.JIT_SWITCH_INTERVAL
-        if interval and sys.getswitchinterval() > interval:
-            # A thread that times out of a wait gets the GIL back only when the holder drops
-            # it, after up to the switch interval (5 ms by default): a whole decode step late.
-            sys.setswitchinterval(interval)
         now = time.perf_counter()
         delay = self._pacer.delay(running, now)
         if delay is None:
@@ -518,19 +516,32 @@ class Engine:
         self.jit_waits += 1
         if self.timer:
             self.timer.count('jit_waits')
-        self._wake_callers()  # they run while the loop waits
-        commands = self._commands
-        while True:
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return True
-            try:
-                command = commands.get(timeout=remaining)
-            except queue.Empty:
-                return True
-            if command is None:
-                return False
-            command()
+        # A thread that times out of a wait gets the GIL back only when the holder drops it,
+        # after up to the switch interval (5 ms by default): a whole decode step late. So the
+        # interval is short while the loop waits, and restored once it holds the GIL again:
+        # left short, every other thread would cut into the step's launch and sampling every
+        # 0.5 ms (on the H100 the host forward went from 279 to 683 us per step at B4).
+        interval, restore = self.JIT_SWITCH_INTERVAL, sys.getswitchinterval()
+        lowered = bool(interval) and restore > interval
+        if lowered:
+            sys.setswitchinterval(interval)
+        try:
+            self._wake_callers()  # they run while the loop waits
+            commands = self._commands
+            while True:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    return True
+                try:
+                    command = commands.get(timeout=remaining)
+                except queue.Empty:
+                    return True
+                if command is None:
+                    return False
+                command()
+        finally:
+            if lowered:
+                sys.setswitchinterval(restore)
 
     def _commit(self, launched: Optional[_Launched], newer: Optional[_Launched] = None
                 ) -> Optional[_Launched]:

@@ -423,6 +423,13 @@ def test_just_in_time_arrivals_equal_synchronous(pair, config, monkeypatch):
     monkeypatch.setattr(fast.engine, 'jit_schedule', True)
     waits = fast.engine.jit_waits
     sys.setswitchinterval(0.005)  # Python's default (conftest restores whatever it was)
+    intervals = []
+    set_interval = sys.setswitchinterval
+
+    def recording(value):
+        intervals.append(value)
+        set_interval(value)
+    monkeypatch.setattr(sys, 'setswitchinterval', recording)
 
     def job(i):
         def body():
@@ -434,8 +441,10 @@ def test_just_in_time_arrivals_equal_synchronous(pair, config, monkeypatch):
     with simulated_device(device):
         fresh(fast, prompt(6, 499), 24)  # settle the estimates
         run_threads([job(i) for i in range(len(jobs))])
-    # waiting to plan lowered the GIL switch interval (the wait's end would be late)
-    assert sys.getswitchinterval() <= fast.engine.JIT_SWITCH_INTERVAL
+    # each wait lowered the GIL switch interval (its end would be late) and restored it after
+    low = fast.engine.JIT_SWITCH_INTERVAL
+    assert intervals and intervals == [low, 0.005] * (len(intervals) // 2)
+    assert sys.getswitchinterval() == pytest.approx(0.005)
     assert got == want
     assert fast.engine.jit_waits > waits
     assert on_engine(fast, lambda s: (s.num_running(), s.num_waiting(), s.num_outstanding)) == (
