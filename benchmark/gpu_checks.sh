@@ -4,7 +4,8 @@
 # One device call runs at most 10 minutes: pick phases with PHASES.
 #
 #   OUT=$OUT PHASES="tests layout int8 b1 b2long" BUDGET=560 bash benchmark/gpu_checks.sh
-#   OUT=$OUT PHASES="b4" BUDGET=560 bash benchmark/gpu_checks.sh
+#   OUT=$OUT PHASES="b4 prefill" BUDGET=560 bash benchmark/gpu_checks.sh
+#   OUT=$OUT PHASES="c128" BUDGET=560 bash benchmark/gpu_checks.sh
 #
 # Phases (about how long each takes on the H100):
 #   tests   engine + int8 GPU tests, with the fast_i8 equality test (~150 s)
@@ -14,6 +15,9 @@
 #   b2long  B2 64:2048:2048 fp16 and int8 under the scheduler's admission check (~200 s)
 #   b4      B4 rate 4 against api_server without and with --jit_schedule (~150 s; the serving
 #           wheels must be installed, see gpu_b3_b4.sh)
+#   prefill profile_step.py on a lone 2048- and 512-token prompt: device idle inside the eager
+#           forward and its largest gaps (~60 s)
+#   c128    B2 128:2048:2048 fp16, the row never run (pool-bound: ~57 sessions fit) (~250 s)
 set -u -o pipefail
 OUT=$(realpath -m "${OUT:-./gpu_checks_out}")
 PHASES=${PHASES:-tests layout int8 b1 b2long}
@@ -67,5 +71,16 @@ if want b4 150; then
     wait $server
   done
   say b4
+fi
+if want prefill 60; then
+  timeout $(($(left) - 10)) python3 benchmark/profile_step.py --cases '/2048;/512' \
+    --session_len 4096 --iters 10 --out "$OUT/prefill_step.json" 2>&1 |
+    grep -E "^step|^runner|idle|  [0-9]+ us"
+  say prefill
+fi
+if want c128 250; then
+  timeout $(($(left) - 10)) $GEN --rows 128:2048:2048 --test_round 1 --engine_timing \
+    --out "$OUT/b2_c128_2048.json" 2>&1 | grep -E "^\| [0-9]|engine_timing|compiled" | cut -c1-400
+  say c128
 fi
 say done

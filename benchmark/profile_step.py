@@ -10,8 +10,10 @@ is built over distinct pool blocks; nothing is written into the pool (slots -1),
 whatever the pool holds, which costs the same. Reported: the step through `ModelRunner.run`
 (the CUDA graph it replays, or eager when none fits), the eager forward, both device time by
 CUDA events (median of --iters), and a torch-profiler table of the eager forward's kernels
-grouped by name, with each group's share of the step. Also FLOPs and bytes of the step's
-GEMMs and KV reads, and what they would take at the H100's ~600 TFLOP/s and ~3.0 TB/s.
+grouped by name, with each group's share of the step, and the device's idle time inside one
+eager forward with its largest gaps (the device waiting for the host). Also FLOPs and bytes of
+the step's GEMMs and KV reads, and what they would take at the H100's ~600 TFLOP/s and ~3.0
+TB/s.
 
 Prints tables and writes JSON (--out).
 """
@@ -83,6 +85,43 @@ def step_cost(rows, cfg, tp=1):
                 bytes_ms_at_copy=(weights + kv) / (H100_TBS * 1e9))
 
 
+def idle_gaps(intervals, top=8):
+    """Device idle time inside a run of kernels. intervals: [(start_us, end_us, name)] of the
+    kernels of one stream, any order. Returns (span_us, busy_us, largest gaps as (gap_us,
+    kernel before, kernel after))."""
+    spans = sorted(intervals)
+    if not spans:
+        return 0.0, 0.0, []
+    busy, gaps = 0.0, []
+    cur_start, cur_end, cur_name = spans[0]
+    for start, end, name in spans[1:]:
+        if start > cur_end:
+            busy += cur_end - cur_start
+            gaps.append((start - cur_end, cur_name, name))
+            cur_start = start
+        if end >= cur_end:
+            cur_end, cur_name = end, name
+    busy += cur_end - cur_start
+    gaps.sort(key=lambda g: -g[0])
+    return cur_end - spans[0][0], busy, gaps[:top]
+
+
+def forward_idle(runner, dev):
+    """idle_gaps of one eager forward's kernels (None when the profiler gives no device
+    events). A gap is the device waiting for the host: a sync, or launches slower than the
+    kernels they launch."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    with torch.inference_mode():
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            runner.model.forward(dev, runner.kv_cache)
+            torch.cuda.synchronize()
+    kernels = [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+               if e.device_type == DeviceType.CUDA]
+    return idle_gaps(kernels) if kernels else None
+
+
 def kernel_table(runner, step, reps=3):
     from torch.profiler import ProfilerActivity, profile
     dev = step.to(runner.device)
@@ -138,6 +177,7 @@ def profile_case(runner, cfg, decode, prompts, iters):
     total, table = kernel_table(runner, step)
     res['eager_kernels_ms'] = total / 1e3
     res['kernels'] = [dict(name=n, us=us, count=c) for n, us, c in table]
+    idle = forward_idle(runner, step.to(runner.device))
     print(f"step: {len(rows)} rows, {cost['tokens']} tokens; GEMMs {cost['gemm_tflop']:.2f} "
           f"TFLOP ({cost['gemm_ms_at_peak']:.2f} ms at {H100_TFLOPS:.0f} TFLOP/s), weights "
           f"{cost['weight_gb']:.1f} GB + KV {cost['kv_gb']:.2f} GB "
@@ -149,6 +189,14 @@ def profile_case(runner, cfg, decode, prompts, iters):
     print('|---|---|---|---|')
     for n, us, c in table[:14]:
         print(f'| {n[:60]} | {us:.0f} | {c} | {us / max(total, 1e-9):.0%} |')
+    if idle is not None:
+        span, busy, gaps = idle
+        res['eager_idle'] = dict(span_us=span, busy_us=busy, idle_us=span - busy,
+                                 gaps=[dict(us=g, before=a, after=b) for g, a, b in gaps])
+        print(f'eager forward, one profiled: {span / 1e3:.3f} ms from its first kernel to its '
+              f'last, device idle {(span - busy) / 1e3:.3f} ms; largest gaps:')
+        for g, a, b in gaps[:5]:
+            print(f'  {g:.0f} us after {a[:50]} before {b[:50]}')
     return res
 
 
