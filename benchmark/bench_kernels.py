@@ -168,17 +168,14 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
             for warps in (4, 8):
                 for stages in (2, 4):
                     cands.append(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages))
-        if quant:  # int8 tiles are half the bytes: deeper pipelines keep as many in flight
-            cands = [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, w, st in
-                     ((64, 4, 3), (64, 4, 5), (64, 4, 7), (32, 4, 7), (128, 4, 5), (64, 8, 5),
-                      (128, 8, 5))]
-            # int8 -> fp16 for tl.dot goes through a layout conversion; without dots the
-            # int8 tile converts in registers (MHA: the dot's 16 rows hold 1 query head)
-            cands += [dict(use_dot=False, BLOCK_N=bn, num_warps=w, num_stages=st)
-                      for bn, w, st in ((32, 4, 3), (64, 4, 3), (64, 4, 5), (64, 8, 4))]
-            # int8 -> fp16 by bits instead of the quarter-rate int-to-float instruction
-            cands += [dict(fast_i8=True, BLOCK_N=bn, num_warps=w, num_stages=st)
-                      for bn, w, st in ((64, 4, 5), (64, 4, 3), (128, 4, 5), (64, 8, 5))]
+        if quant:  # around INT8_DECODE_CFG (stages 5, fast_i8), which every candidate extends
+            cands = [dict(fast_i8=False)]  # the int-to-float instruction, for comparison
+            # int8 tiles are half the bytes: deeper pipelines keep as many in flight
+            cands += [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, w, st in
+                      ((64, 4, 4), (64, 4, 6), (32, 4, 7), (128, 4, 4), (64, 8, 5))]
+            # an int8 program is done sooner: more, shorter partitions against the last
+            # wave's tail (only where waves x SMs exceeds rows x KV heads)
+            cands += [dict(waves=16), dict(waves=32), dict(waves=32, min_partition=512)]
         else:
             cands += [dict(BLOCK_N=64, num_warps=4, num_stages=1),
                       dict(BLOCK_N=32, num_warps=2, num_stages=2),
@@ -369,6 +366,10 @@ def bench_int8(sweep):
     bench_decode(1, 4096, 32, 32)
     bench_decode(1, 4096, 32, 32, quant='static')
     bench_decode(128, 2048, 32, 32, quant='static')
+    # the decode steps of the B2 int8 rows as their graphs launch them (hint = session_len):
+    # max:128:2048 (118 sessions, mean context ~1150) and 64:2048:2048 (mean ~3070)
+    bench_decode(118, 1152, 32, 32, quant='static', sweep=sweep, hint=2176)
+    bench_decode(64, 3072, 32, 32, quant='static', sweep=sweep, hint=4104)
     for quant in ('static', 'online'):
         bench_store_int8(4096, quant)
         bench_store_int8(64, quant)
