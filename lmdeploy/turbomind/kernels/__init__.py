@@ -110,6 +110,6 @@ def compiled_variants() -> int:
     return total
 
 
-__all__ = ['OPS', 'Kernels', 'select', 'compiled_variants', 'rms_norm_ref', 'rotary_embedding_ref', 'store_kv_ref',
-           'rotary_store_kv_ref', 'paged_attention_ref', 'silu_and_mul_ref',
-           'prompt_attention_ref']
+__all__ = ['OPS', 'Kernels', 'select', 'compiled_variants', 'rms_norm_ref',
+           'rotary_embedding_ref', 'store_kv_ref', 'rotary_store_kv_ref', 'paged_attention_ref',
+           'silu_and_mul_ref', 'prompt_attention_ref']

@@ -132,7 +132,8 @@ def _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d, kv_mask, stride_
 # Values that change from step to step are not specialised on (Triton would compile a variant
 # per divisibility class, on the first step that meets it: a second of compile inside a
 # request's latency); the split count is the grid's third dimension, not a constant.
-@triton.jit(do_not_specialize=['partition', 'stride_bt'])
+# `partition` stays specialised: always a multiple of BLOCK_N, it is always the same class.
+@triton.jit(do_not_specialize=['stride_bt'])
 def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition,
                    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
                    stride_vh, stride_bt, stride_ot, stride_oh, stride_qpkv, stride_qpb,
@@ -212,7 +213,7 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
         tl.store(TmpML + base * 2 + 1, l_i, mask=mask_g)
 
 
-@triton.jit(do_not_specialize=['partition', 'num_splits'])
+@triton.jit(do_not_specialize=['num_splits'])
 def _combine_kernel(TmpO, TmpML, CU, KVL, O, partition, num_splits, stride_ot, stride_oh,
                     CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                     MIXED: tl.constexpr):
