@@ -13,7 +13,10 @@ the decode kernel's tunables and prints the best. int8 KV rows (quant_policy 4, 
 per-head scales and online per-token scales) count the int8 bytes (plus the online scales);
 `--only int8` runs them beside the fp16 decode rows they compare with. `rotary+store_kv`
 rows time the fused kernel against the rotary + store_kv pair it replaces in the layer
-(`--only rotary_store_kv` runs just those, `--sweep` adds its head-block sizes).
+(`--only rotary_store_kv` runs just those, `--sweep` adds its head-block sizes). `--only
+prefill`: prompt attention at 2048 tokens (Triton paged vs torch SDPA backends), then the
+wall time of single dense-prompt calls at lengths met for the first time vs again (what a new
+prompt length costs in setup, e.g. a cuDNN plan).
 """
 import argparse
 import json
@@ -275,6 +278,28 @@ def bench_prefill(rows, hq, hkv, D=128, page=64, dtype=torch.float16, name='', w
     torch.cuda.empty_cache()
 
 
+def bench_prompt_first_calls(lengths=(2048, 600, 601, 777, 1000, 2048, 600), hq=32, hkv=32,
+                             D=128, dtype=torch.float16):
+    """The engine's dense prompt attention (prompt_attention_cuda: torch SDPA, cuDNN on the
+    H100) on prompt lengths in the order given: the wall time of each call, synchronized, so
+    a length met for the first time shows what its setup costs (a cuDNN plan is built per
+    shape) against a length met before."""
+    from lmdeploy.turbomind.kernels.prompt_attention import prompt_attention_cuda
+    seen = set()
+    for n in lengths:
+        q = torch.randn(n, hq, D, device=DEV, dtype=dtype)
+        k = torch.randn(n, hkv, D, device=DEV, dtype=dtype)
+        v = torch.randn(n, hkv, D, device=DEV, dtype=dtype)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        prompt_attention_cuda(q, k, v, D ** -0.5)
+        torch.cuda.synchronize()
+        ms = (time.perf_counter() - t0) * 1e3
+        record('prompt_attn_call', f'T{n} hq{hq} hkv{hkv}',
+               'first' if n not in seen else 'again', ms)
+        seen.add(n)
+
+
 def bench_elementwise(T, dtype=torch.float16):
     H, inter, hq, hkv, D, page = 4096, 11008, 32, 32, 128, 64
     es = torch.tensor([], dtype=dtype).element_size()
@@ -403,6 +428,7 @@ def main():
         bench_prefill([(0, 2048)], 32, 32, name='1x2048 new, MHA', with_sdpa=True,
                       sweep=a.sweep)
         bench_prefill([(0, 2048)], 32, 8, name='1x2048 new, GQA8', with_sdpa=True)
+        bench_prompt_first_calls()
         return finish(info, t0, a.out)
     if a.only == 'decode':
         for B, ctx in ((64, 64), (64, 128), (1, 1100), (1, 2048), (146, 500), (64, 4096)):

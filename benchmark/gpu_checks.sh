@@ -16,7 +16,8 @@
 #   b4      B4 rate 4 against api_server without and with --jit_schedule (~150 s; the serving
 #           wheels must be installed, see gpu_b3_b4.sh)
 #   prefill profile_step.py on a lone 2048- and 512-token prompt: device idle inside the eager
-#           forward and its largest gaps (~60 s)
+#           forward and its largest gaps; bench_kernels.py --only prefill, with the setup
+#           cost of a prompt length met for the first time (~90 s)
 #   c128    B2 128:2048:2048 fp16, the row never run (pool-bound: ~57 sessions fit) (~250 s)
 set -u -o pipefail
 OUT=$(realpath -m "${OUT:-./gpu_checks_out}")
@@ -72,10 +73,12 @@ if want b4 150; then
   done
   say b4
 fi
-if want prefill 60; then
+if want prefill 90; then
   timeout $(($(left) - 10)) python3 benchmark/profile_step.py --cases '/2048;/512' \
     --session_len 4096 --iters 10 --out "$OUT/prefill_step.json" 2>&1 |
     grep -E "^step|^runner|idle|  [0-9]+ us"
+  timeout $(($(left) - 10)) python3 benchmark/bench_kernels.py --only prefill \
+    --out "$OUT/prefill_kernels.json" 2>&1 | grep -E "prefill_attn|prompt_attn"
   say prefill
 fi
 if want c128 250; then
