@@ -24,6 +24,7 @@ kv_qparams: int8 KV cache parameters (None for a float cache), see kv_quant.py.
 """
 import importlib
 import os
+import sys
 from typing import Dict
 
 import torch
@@ -94,7 +95,6 @@ def compiled_variants() -> int:
     """How many compiled variants the Triton kernels of this package hold, all devices
     together (-1 when this Triton keeps them elsewhere). A count that grows while serving means
     a step met a new specialisation and waited for a compile."""
-    import sys
     total = 0
     for name, mod in list(sys.modules.items()):
         if not name.startswith(f'{__name__}.triton_') or mod is None:
