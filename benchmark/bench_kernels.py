@@ -171,11 +171,11 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
             for warps in (4, 8):
                 for stages in (2, 4):
                     cands.append(dict(BLOCK_N=bn, num_warps=warps, num_stages=stages))
-        if quant:  # around INT8_DECODE_CFG (stages 5, fast_i8), which every candidate extends
+        if quant:  # around INT8_DECODE_CFG (stages 6, fast_i8), which every candidate extends
             cands = [dict(fast_i8=False)]  # the int-to-float instruction, for comparison
             # int8 tiles are half the bytes: deeper pipelines keep as many in flight
             cands += [dict(BLOCK_N=bn, num_warps=w, num_stages=st) for bn, w, st in
-                      ((64, 4, 4), (64, 4, 6), (32, 4, 7), (128, 4, 4), (64, 8, 5))]
+                      ((64, 4, 5), (64, 4, 7), (32, 4, 8), (128, 4, 4), (64, 8, 6))]
             # an int8 program is done sooner: more, shorter partitions against the last
             # wave's tail (only where waves x SMs exceeds rows x KV heads)
             cands += [dict(waves=16), dict(waves=32), dict(waves=32, min_partition=512)]

@@ -128,6 +128,8 @@ class Request:
     error: Optional[Exception] = None
     version: int = 0
     stamps: List[tuple] = field(default_factory=list)
+    submitted: float = 0.0  # perf_counter at submit
+    first_queued: float = 0.0  # when its first step was queued on the device (timed engines)
     # engine-thread only
     rng: Optional[RequestRng] = None
     slot: int = -1  # row of the engine's SamplingSlots while it samples
@@ -302,6 +304,7 @@ class Engine:
 
     def submit(self, request: Request, **core_args) -> None:
         """Queue `request`; `core_args` go to the scheduler's submit (input_ids, flags, ...)."""
+        request.submitted = time.perf_counter()
         command = lambda: self._submit(request, core_args)  # noqa: E731
         command.request = request  # failed by the loop's shutdown if it never runs
         self._post(command)
@@ -638,6 +641,12 @@ class Engine:
             if timer:
                 timer.lap('sample')
         launched.queued = time.perf_counter()
+        if timer and plan.num_tokens != plan.num_decode:  # a prompt's first step is mixed
+            requests = self._requests
+            for handle in plan.row_handles.tolist():
+                request = requests.get(handle)
+                if request is not None and not request.first_queued:
+                    request.first_queued = launched.queued
         self._wake_callers()  # the previous step's callers run while the device works
         if timer:
             timer.lap('wake')
@@ -681,6 +690,9 @@ class Engine:
                 continue
             a, b = offsets[i], offsets[i + 1]
             if b > a:
+                if not request.output_ids and self.timer and request.first_queued:
+                    self.timer.observe('ttft_queue', request.first_queued - request.submitted)
+                    self.timer.observe('ttft_step', now - request.first_queued)
                 new = tokens[a:b]
                 request.output_ids.extend(new)
                 request.stamps.append((now, len(request.output_ids)))

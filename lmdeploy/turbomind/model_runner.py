@@ -228,35 +228,46 @@ class ModelRunner:
 
     @torch.inference_mode()
     def profile_activation_bytes(self) -> int:
-        """Peak bytes a forward of the largest step allocates: max_prefill_tokens prompt tokens
-        (rows of at most session_len) plus max_batch_size decode rows, over a scratch pool of
-        one session's blocks that every row shares (the values do not matter)."""
+        """Peak bytes the largest steps allocate, over a scratch pool of one session's blocks
+        that every row shares (the values do not matter). Two shapes: max_prefill_tokens
+        prompt tokens (rows of at most session_len) beside max_batch_size decode rows, and one
+        lone fresh prompt as long as a step allows, which takes the dense prompt path (its own
+        kernels and attention workspace; this also compiles them before the first request)."""
         cfg = self.cfg
-        bs = cfg.block_size
         row_len = max(1, min(cfg.max_prefill_tokens, cfg.session_len))
-        n_blk = cfg.blocks_per_session()
-        rows = [RowPlan([0], 0, [0], 'last') for _ in range(cfg.max_batch_size)]
-        left = cfg.max_prefill_tokens
-        gen = torch.Generator().manual_seed(0)
-        while left > 0:
-            n = min(row_len, left)
-            ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
-            rows.append(RowPlan(ids, 0, list(range(math.ceil(n / bs))), 'last'))
-            left -= n
-        step = build_step_input(rows, bs)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
-        scratch = KVCache.from_config(self.cfg, n_blk, self.tp, self.device, self.dtype,
-                                      self.kv_scales)
-        step = step.to(self.device)
+        scratch = KVCache.from_config(self.cfg, cfg.blocks_per_session(), self.tp, self.device,
+                                      self.dtype, self.kv_scales)
+        gen = torch.Generator().manual_seed(0)
+        decode_rows = [RowPlan([0], 0, [0], 'last') for _ in range(cfg.max_batch_size)]
+        mixed = decode_rows + self._profile_prompts(cfg.max_prefill_tokens, row_len, gen)
+        lone = self._profile_prompts(row_len, row_len, gen)
+        peak = max(self._step_peak_bytes(rows, scratch) for rows in (mixed, lone))
+        del scratch
+        torch.cuda.empty_cache()
+        return peak
+
+    def _profile_prompts(self, tokens: int, row_len: int, gen) -> list:
+        """Fresh prompt rows of random ids, `tokens` in all, at most `row_len` each."""
+        rows = []
+        while tokens > 0:
+            n = min(row_len, tokens)
+            ids = torch.randint(0, self.cfg.vocab_size, (n,), generator=gen).tolist()
+            rows.append(RowPlan(ids, 0, list(range(math.ceil(n / self.cfg.block_size))),
+                                'last'))
+            tokens -= n
+        return rows
+
+    def _step_peak_bytes(self, rows: list, scratch: KVCache) -> int:
+        step = build_step_input(rows, self.cfg.block_size).to(self.device)
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         base = torch.cuda.memory_allocated(self.device)
         out = self.model.forward(step, scratch)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
-        del out, scratch, step
-        torch.cuda.empty_cache()
+        del out, step
         return int(peak)
 
     # ----------------------------------------------------------------------------------------

@@ -14,12 +14,17 @@ Phases of the engine (engine.py): jit_wait (waiting, commands running, to plan t
 just in time), schedule, step_input, sample_prep, forward, sample, wake, sync (the wait for the
 outstanding step's tokens), update, dispatch. `count(name)` counts events (the engine's
 'jit_waits', and 'jit_misses': waits after which the device had finished before the next step
-was queued); the report has their totals.
+was queued); the report has their totals. `observe(name, seconds)` keeps one value per event
+(e.g. a request's wait before its first step): the report has their count, mean, p50 and p90
+in milliseconds (`<name>_n`, `<name>_ms_mean`, ...). The engine observes where its requests'
+first tokens spent their time (`ttft_queue`: submit -> its first step queued on the device;
+`ttft_step`: -> tokens handed over); a server may add its own (its request -> submit, tokens
+handed over -> seen by the server).
 """
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, List
 
 
 class StepTimer:
@@ -35,6 +40,7 @@ class StepTimer:
         self.cpu = 0.0
         self.kinds: Dict[str, list] = {'decode': [0, 0.0], 'mixed': [0, 0.0]}  # [steps, wall]
         self.counts: Dict[str, int] = {}
+        self.observed: Dict[str, List[float]] = {}
         # a step under way (reset runs as a command, maybe while the loop waits inside a step)
         # is counted from now
         self._t = self._t0 = time.perf_counter()
@@ -51,6 +57,13 @@ class StepTimer:
 
     def count(self, name: str):
         self.counts[name] = self.counts.get(name, 0) + 1
+
+    def observe(self, name: str, seconds: float):
+        """One value of `name` (any thread: a list append)."""
+        values = self.observed.get(name)
+        if values is None:
+            values = self.observed.setdefault(name, [])
+        values.append(seconds)
 
     def end(self, rows: int, decode_only: bool = True):
         wall = time.perf_counter() - self._t0
@@ -74,4 +87,10 @@ class StepTimer:
             out[f'{kind}_steps'] = steps
             out[f'{kind}_step_us'] = wall / max(1, steps) * 1e6
         out.update(self.counts)
+        for name, values in list(self.observed.items()):
+            ms = sorted(v * 1e3 for v in values)
+            if ms:
+                out.update({f'{name}_n': len(ms), f'{name}_ms_mean': sum(ms) / len(ms),
+                            f'{name}_ms_p50': ms[len(ms) // 2],
+                            f'{name}_ms_p90': ms[min(len(ms) - 1, int(len(ms) * 0.9))]})
         return out

@@ -19,11 +19,18 @@ PROMPT = [1, 300, 41, 77, 500, 9]
 
 @pytest.fixture(scope='module')
 def server():
-    proc, url = start_server(None, '--dummy', SHAPE, '--device', 'cpu', '--max_batch_size', '4')
+    proc, url = start_server(None, '--dummy', SHAPE, '--device', 'cpu', '--max_batch_size', '4',
+                             '--engine_timing')
     yield url
     stop_server(proc)
     out = proc.stdout.read()
     assert 'Traceback' not in out, out
+    # --engine_timing: the step phases and where each first token spent its time, per stage
+    timing = json.loads(next(line for line in out.splitlines()
+                             if line.startswith('engine_timing: '))[len('engine_timing: '):])
+    assert timing['steps'] > 0
+    for stage in ('ttft_server_in', 'ttft_queue', 'ttft_step', 'ttft_server_out'):
+        assert timing[f'{stage}_n'] >= 2 and timing[f'{stage}_ms_p50'] >= 0, (stage, timing)
 
 
 @pytest.fixture(scope='module')

@@ -59,3 +59,8 @@ def test_throughput_stamps_equal_streamed_counts(tmp_path):
         assert 0 < r['ttft_ms_p50'] <= r['ttft_ms_p99'] and 0 < r['itl_ms_p50'] <= r['itl_ms_p99']
     timing = a['engine_timing']
     assert timing['steps'] == timing['decode_steps'] + timing['mixed_steps'] > 0
+    # where each request's first token spent its time: every prompt's first step is mixed
+    assert timing['ttft_queue_n'] == timing['ttft_step_n'] == 6
+    assert 0 <= timing['ttft_queue_ms_p50'] <= timing['ttft_queue_ms_p90']
+    assert 0 < timing['ttft_step_ms_p50'] <= timing['ttft_step_ms_p90']
+    assert timing['ttft_step_ms_mean'] <= a['ttft_ms_p99']

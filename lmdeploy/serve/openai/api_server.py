@@ -72,7 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         'light load)')
     p.add_argument('--engine_timing', action='store_true',
                    help="time the engine loop's steps by phase (host time, decode-only vs mixed "
-                        'steps) and print the report as one JSON line when the server stops')
+                        'steps) and where first tokens spend their time (ttft_server_in: '
+                        'request -> engine; ttft_queue: -> first step queued; ttft_step: -> '
+                        'tokens; ttft_server_out: -> server), and print the report as one JSON '
+                        'line when the server stops')
     p.add_argument('--log_level', default='info',
                    choices=('critical', 'error', 'warning', 'info', 'debug'),
                    help='uvicorn log level (default: %(default)s)')

@@ -66,6 +66,7 @@ class Choice:
         self.matcher = StopStringMatcher(stops)
         self.stop_ids = set() if ignore_eos else engine.stop_ids
         self.metrics = metrics
+        self.timer = engine.engine.timer  # --engine_timing: where first tokens spend time
         self.arrival = arrival
         self.last_time: Optional[float] = None
         self.n_tokens = 0
@@ -81,6 +82,10 @@ class Choice:
         now = time.perf_counter()
         if self.last_time is None:
             self.metrics.ttft.observe(now - self.arrival)
+            request = self.job.request
+            if self.timer is not None and request.stamps:
+                self.timer.observe('ttft_server_in', request.submitted - self.arrival)
+                self.timer.observe('ttft_server_out', now - request.stamps[0][0])
         else:
             gap = (now - self.last_time) / len(ids)
             for _ in ids:

@@ -381,8 +381,10 @@ COMBINE_CHUNK = 16  # partitions the combine kernel merges per iteration
 # Overrides of DECODE_CFG for int8 caches. An int8 tile is half the bytes of an fp16 one, so a
 # deeper pipeline (2 tiles in flight instead of 1) keeps as many bytes in flight: static scales
 # 882 -> 843 us at B64 ctx4096 MHA on the H100 (benchmark/NOTES.md). fast_i8 (int8 -> fp16 by
-# bits, exact) on top: 857 -> 799 us, 2.50 -> 2.69 TB/s (session 5 sweep); online not swept.
-INT8_DECODE_CFG = {STATIC: dict(num_stages=5, fast_i8=True), ONLINE: dict()}
+# bits, exact) on top: 857 -> 799 us, 2.50 -> 2.69 TB/s (session 5 sweep); 6 stages over 5 at
+# the B2 int8 rows' own shapes: B118 ctx1152 413 -> 407 us, B64 ctx3072 605 -> 596, B64 ctx4096
+# equal (session 6 sweep). Online not swept.
+INT8_DECODE_CFG = {STATIC: dict(num_stages=6, fast_i8=True), ONLINE: dict()}
 
 
 def decode_splits(batch: int, hkv: int, max_kv: int, device, cfg=None):
