@@ -89,7 +89,7 @@ class ReadyLogits:
     def block_size(self) -> int:
         return self.cfg.block_size
 
-    def run(self, step):
+    def run(self, step, timer=None):
         if self.cycles:
             torch.cuda._sleep(self.cycles)
         elif self.device_ms:

@@ -289,9 +289,9 @@ class CudaGraphs:
                 return self.graphs.get(b)
         return next((g for g in self.varlen_graphs if g.layout.fits(step)), None)
 
-    def run(self, step: StepInput) -> Optional[torch.Tensor]:
+    def run(self, step: StepInput, timer=None) -> Optional[torch.Tensor]:
         """Replay for a step the graphs serve; fp32 logits [len(sample_idx), V]. None when no
-        graph fits the step (the caller runs it eagerly)."""
+        graph fits the step (the caller runs it eagerly). `timer`: a StepTimer to lap."""
         g = self.graph_for(step)
         if g is None:
             return None
@@ -299,7 +299,11 @@ class CudaGraphs:
         if step.prev_tokens is not None:
             n = step.prev_tokens.shape[0]
             self.prev_tokens[:n].copy_(step.prev_tokens)
+        if timer:
+            timer.lap('graph_load')
         g.graph.replay()
+        if timer:
+            timer.lap('graph_replay')
         S = step.sample_idx.shape[0]
         if g.layout.is_decode:
             self.replays += 1

@@ -623,9 +623,9 @@ class Engine:
         slot_idx = self._sampling_slots(plan.sample_handles) if num_samples else None
         if timer:
             timer.lap('sample_prep')
-        logits = self.runner.run(step)
+        logits = self.runner.run(step, timer)
         if timer:
-            timer.lap('forward')
+            timer.lap('forward')  # eager forward; with graphs, what follows the replay
         if num_logits:  # only in synchronous steps (a logits request is sync_only)
             extra = logits[num_samples:].cpu()
             for j, handle in enumerate(plan.logits_handles.tolist()):
@@ -634,12 +634,16 @@ class Engine:
             batch = self.slots.batch(slot_idx, logits.device)
             if batch.any_penalty and prev is not None and prev.tokens is not None:
                 _count_pending_as_seen(batch, plan, prev.tokens)
+            if timer:
+                timer.lap('sample_batch')
             tokens = self.sampler(logits[:num_samples], batch).to(torch.int32)
+            if timer:
+                timer.lap('sample')
             self.slots.advance(slot_idx, batch)
             launched.tokens = tokens
             launched.host, launched.ready = _copy_to_host(tokens)
             if timer:
-                timer.lap('sample')
+                timer.lap('sample_copy')
         launched.queued = time.perf_counter()
         if timer and plan.num_tokens != plan.num_decode:  # a prompt's first step is mixed
             requests = self._requests

@@ -274,11 +274,11 @@ class ModelRunner:
     # Step
 
     @torch.inference_mode()
-    def run(self, step: StepInput) -> torch.Tensor:
+    def run(self, step: StepInput, timer=None) -> torch.Tensor:
         """Forward one step; fp32 logits [len(step.sample_idx), vocab_size] (on the device).
         Steps that fit a captured graph (cuda_graph.py) replay it when graphs are on."""
         if self.graphs is not None:
-            logits = self.graphs.run(step)
+            logits = self.graphs.run(step, timer)
             if logits is not None:
                 return logits
         step = step.to(self.device, non_blocking=True)

@@ -11,8 +11,10 @@ apart. Wall time, so a phase that waits (the device, the GIL) shows that wait; `
 thread's CPU time) tells the two apart (a CUDA sync spins, so on GPU it counts as CPU).
 
 Phases of the engine (engine.py): jit_wait (waiting, commands running, to plan the next step
-just in time), schedule, step_input, sample_prep, forward, sample, wake, sync (the wait for the
-outstanding step's tokens), update, dispatch. `count(name)` counts events (the engine's
+just in time), schedule, step_input, sample_prep, forward (with graphs: graph_load, graph_replay,
+graph_out), sample_batch (the sampling batch on the device), sample (the sampler), sample_copy
+(counters, tokens to the host), wake, sync (the wait for the outstanding step's tokens),
+update, dispatch. `count(name)` counts events (the engine's
 'jit_waits', and 'jit_misses': waits after which the device had finished before the next step
 was queued); the report has their totals. `observe(name, seconds)` keeps one value per event
 (e.g. a request's wait before its first step): the report has their count, mean, p50 and p90

@@ -189,14 +189,14 @@ class TensorParallelRunner:
 
     # ----------------------------------------------------------------------------------------
 
-    def run(self, step: StepInput) -> torch.Tensor:
+    def run(self, step: StepInput, timer=None) -> torch.Tensor:
         if self.failure is not None:
             raise self.failure
         msg = step_message(step)
         try:
             for w in self.workers:
                 w.conn.send(msg)
-            return self.runner.run(step)
+            return self.runner.run(step, timer)
         except Exception as e:  # noqa: BLE001 - the ranks may now be out of step: fatal
             if self.failure is not None:  # the watchdog saw a rank go (and closed its socket)
                 raise self.failure from None

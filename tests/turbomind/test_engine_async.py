@@ -192,11 +192,11 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(pair, monkeypa
     runner = fast.engine.runner
     calls, real_run = [0], runner.run
 
-    def flaky_run(step):  # a launch planned ahead fails
+    def flaky_run(step, timer=None):  # a launch planned ahead fails
         calls[0] += 1
         if step.prev_tokens is not None and calls[0] % 5 == 0:
             raise RuntimeError('injected launch failure')
-        return real_run(step)
+        return real_run(step, timer)
 
     monkeypatch.setattr(runner, 'run', flaky_run)
     with pytest.raises(EngineError, match='injected launch failure'):
@@ -254,8 +254,8 @@ def _stand_in(schedule):
     _, engine = build(4, 0, 64, 'cpu', DEVICE_MS, schedule, out_len=400)
     runner, steps, real_run = engine.runner, [], engine.runner.run
 
-    def run(step):
-        out = real_run(step)
+    def run(step, timer=None):
+        out = real_run(step, timer)
         steps.append((runner.ready_at[-1], step.input_ids.numel() > step.num_decode))
         return out
 
@@ -396,7 +396,7 @@ class SlowDevice:
         self.busy_until = 0.0
         self.ready_at = collections.deque()
 
-    def run(self, step):
+    def run(self, step, timer=None):
         self.busy_until = max(time.perf_counter(), self.busy_until) + self.ms / 1000
         self.ready_at.append(self.busy_until)
         return self.real_run(step)
