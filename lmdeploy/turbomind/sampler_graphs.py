@@ -65,10 +65,11 @@ All graphs share one private pool (`torch.cuda.graph_pool_handle`). Between repl
 graph's output ([bucket] int64) stays allocated; the pool keeps the largest capture's peak of
 intermediates: up to ~9 fp32 [bucket, V] buffers for the full-sort top-p path (the scaled logits,
 sort's values and int64 indices with cub's double buffers, the thresholded logits, softmax,
-cumsum), plus segments of smaller captures made before it. `reserve_bytes(max_rows, vocab_size)`
-bounds pool and static inputs for the memory plan (~115 MiB at 64 rows x 32000, ~435 MiB at
-64 x 128256); `capture` largest bucket first keeps the pool near one peak; `pool_bytes()`
-measures it.
+cumsum), rounded up to the allocator's segments, plus what later captures could not fit in
+it. `reserve_bytes(max_rows, vocab_size)` is what the memory plan sets aside for the pool and
+the static inputs (~150 MiB at 64 rows x 32000, ~455 MiB at 64 x 128256). Capturing the
+largest bucket first (`capture`, as the runner does at start-up) keeps the pool near one peak,
+which later captures reuse; `pool_bytes()` measures it.
 """
 import gc
 import logging
@@ -85,7 +86,9 @@ MAX_ROWS = 64  # larger steps sample eagerly: their device time hides the launch
 # path's peak (~9, int64 counted twice) plus the allocator's rounding and the segments of
 # smaller buckets captured before the largest.
 POOL_ROWS_OF_V = 12
-POOL_SLACK_BYTES = 8 << 20  # small-block segments (outputs, per-row vectors)
+# The caching allocator's segment sizes: a request of 1-10 MiB takes a 20 MiB segment, one of
+# up to 1 MiB a 2 MiB one; at small buckets these dominate the per-row terms.
+POOL_SLACK_BYTES = 48 << 20
 
 
 class GraphKey(NamedTuple):
