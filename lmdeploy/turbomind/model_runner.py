@@ -249,7 +249,6 @@ class ModelRunner:
         """The sampler's graphs (int32 tokens, as the engine hands them on), the common modes
         captured now in every bucket; `memory['sampler_graphs']` is what they hold."""
         cfg = self.cfg
-        torch.cuda.synchronize(self.device)
         graphs = SamplerGraphs(Sampler(), cfg.vocab_size, self.device, cfg.max_batch_size,
                                out_dtype=torch.int32)
         graphs.capture(graphs.keys(COMMON_MODES))
