@@ -53,13 +53,15 @@ the loop runs between steps) and through the `Request` objects they hand in, whi
 fills and signals. The scheduler, the runner and the request table belong to the loop thread.
 
 Host work per step is kept flat in the batch size: sampling parameters live in per-slot arrays
-(`SamplingSlots`), event arrays cross to Python once per step, and the waiting callers are woken
-once per `cond` per step. Those wake-ups are deferred until the next step's forward and sampling
-are launched: the callers (often hundreds of threads) then run while the device works and the
-loop waits for the sampled tokens with the GIL released, instead of fighting the loop for the
-GIL while it launches kernels (when the loop waits to plan just in time, they are woken as that
-wait starts). A request's state (tokens, finished, reason) is always updated at once; only the
-notification moves, by the next step's launch time, and it is never held while the loop is idle.
+(`SamplingSlots`), the sampling of steps up to 64 rows replays a CUDA graph when the runner
+has them (sampler_graphs.py: a few host ops instead of ~50 launches), event arrays cross to
+Python once per step, and the waiting callers are woken once per `cond` per step. Those
+wake-ups are deferred until the next step's forward and sampling are launched: the callers
+(often hundreds of threads) then run while the device works and the loop waits for the sampled
+tokens with the GIL released, instead of fighting the loop for the GIL while it launches
+kernels (when the loop waits to plan just in time, they are woken as that wait starts). A
+request's state (tokens, finished, reason) is always updated at once; only the notification
+moves, by the next step's launch time, and it is never held while the loop is idle.
 """
 from __future__ import annotations
 
@@ -272,7 +274,10 @@ class Engine:
             session_len=cfg.session_len, vocab_size=cfg.vocab_size, start_id=cfg.start_id,
             end_id=cfg.end_id, chunked_prefill=cfg.chunked_prefill,
             admit_horizon=cfg.admit_horizon)
-        self.sampler = Sampler()
+        # The runner's CUDA graphs of the sampler when it has them (CUDA with graphs on; they
+        # return int32 tokens), else the eager sampler: the same tokens either way.
+        sampler_graphs = getattr(runner, 'sampler_graphs', None)
+        self.sampler = sampler_graphs if sampler_graphs is not None else Sampler()
         self.slots = SamplingSlots(cfg.max_batch_size)
         # Plan ahead only with one rank (the others would need prev_tokens) and when enabled.
         self.async_schedule = (bool(getattr(cfg, 'async_schedule', True))
@@ -636,6 +641,7 @@ class Engine:
                 _count_pending_as_seen(batch, plan, prev.tokens)
             if timer:
                 timer.lap('sample_batch')
+            # the sampler graphs return int32 tokens already: no copy then
             tokens = self.sampler(logits[:num_samples], batch).to(torch.int32)
             if timer:
                 timer.lap('sample')

@@ -1,5 +1,6 @@
 """ModelRunner: one rank's data plane. It owns the config, the weights, the KV pool, the model
-and its CUDA graphs (decode, lone-prompt and mixed steps), and runs one step:
+and its CUDA graphs (decode, lone-prompt and mixed steps; on rank 0, which samples, also the
+sampler's: `sampler_graphs`), and runs one step:
 
     runner = ModelRunner(EngineConfig.from_workspace('./workspace'))
     logits = runner.run(step_input)       # fp32 [len(sample_idx), vocab_size]
@@ -16,16 +17,19 @@ Construction order is the memory plan's (GPU):
    peak (plus as much again for the caching allocator's rounding and fragmentation, and a
    margin for the sampler's ``[max_batch_size, vocab]`` fp32 work);
 4. a reserve for the CUDA graphs' memory pool (their logits outputs plus the largest
-   bucket's activations);
+   bucket's activations) and, on rank 0, for the sampler graphs' static inputs and pool
+   (`SamplerGraphs.reserve_bytes`);
 5. the KV pool from ``cache_max_entry_count``: <= 1 is that fraction of what is free after 3
    and 4; > 1 is v0.0.2's count of ``session_len``-long sessions (an error if they do not fit);
-6. the CUDA graphs (`cuda_graph.py`), captured over the pool.
+6. the CUDA graphs (`cuda_graph.py`), captured over the pool, then the sampler graphs of the
+   common sampling modes (`sampler_graphs.py`; the engine captures other modes on first use).
 
 int8 KV halves `KVCache.bytes_per_block`, so the same memory gives twice the blocks (online
 scales cost 4 bytes per token, head and K/V on top).
 
 `memory` (a dict) reports every term in bytes.
 """
+import logging
 import math
 from typing import Callable, Optional
 
@@ -39,8 +43,12 @@ from .distributed import SingleRank
 from .kv_cache import KVCache, kv_quant_mode
 from .kv_scales import load_kv_scales
 from .models import build_model
+from .sampler_graphs import COMMON_MODES, SamplerGraphs
+from .sampling import Sampler
 from .step_input import RowPlan, StepInput, build_step_input
 from .weights import load_weights
+
+logger = logging.getLogger('lmdeploy.turbomind')
 
 # CPU: a fraction-valued cache_max_entry_count (<= 1) is a fraction of this many full-length
 # sessions per batch slot -- there is no device memory to measure on CPU.
@@ -89,6 +97,7 @@ class ModelRunner:
         self.kv_cache = KVCache.from_config(cfg, self.num_blocks, self.tp, self.device,
                                             self.dtype, self.kv_scales)
         self.graphs: Optional[CudaGraphs] = None
+        self.sampler_graphs: Optional[SamplerGraphs] = None
         if self.use_cuda_graph:
             self.graphs = CudaGraphs(self.model, self.kv_cache, cfg.blocks_per_session(),
                                      cfg.session_len, self.device,
@@ -96,6 +105,8 @@ class ModelRunner:
                                      self._mixed_buckets(), cfg.max_batch_size)
             self.graphs.capture()
             self.memory['graphs'] = self.graphs.memory_bytes
+            if self._samples():
+                self.sampler_graphs = self._capture_sampler_graphs()
         if self.device.type == 'cuda':
             self.memory['kv_cache'] = self.kv_cache.nbytes()
             self.memory['free_after'] = torch.cuda.mem_get_info(self.device)[0]
@@ -116,6 +127,10 @@ class ModelRunner:
 
     # ----------------------------------------------------------------------------------------
     # Memory plan
+
+    def _samples(self) -> bool:
+        """Whether this rank samples (rank 0 does; the engine runs beside it)."""
+        return self.rank == 0
 
     def weight_bytes(self) -> int:
         from .dummy import weight_bytes
@@ -182,19 +197,23 @@ class ModelRunner:
 
     def _gpu_free_bytes(self) -> int:
         """Free device memory once weights are loaded, minus the profiled activation peak and
-        the allocator's headroom over it, the sampler margin, the graph reserve and a slack."""
+        the allocator's headroom over it, the sampler margin, the graph reserves and a slack."""
         cfg = self.cfg
         activations = self.profile_activation_bytes()
         sampler = cfg.max_batch_size * cfg.vocab_size * 4 * 4
         graphs = self.graph_reserve_bytes() if self.use_cuda_graph else 0
+        sampler_graphs = (SamplerGraphs.reserve_bytes(cfg.max_batch_size, cfg.vocab_size)
+                          if self.use_cuda_graph and self._samples() else 0)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(self.device)
         headroom = int(activations * ALLOCATOR_HEADROOM)
         self.memory.update(weights=self.weights.nbytes(), activations=activations,
                            allocator_headroom=headroom, sampler_margin=sampler,
-                           graph_reserve=graphs, slack=GPU_SLACK_BYTES, free_before_kv=free)
-        return max(0, free - activations - headroom - sampler - graphs - GPU_SLACK_BYTES)
+                           graph_reserve=graphs, sampler_graph_reserve=sampler_graphs,
+                           slack=GPU_SLACK_BYTES, free_before_kv=free)
+        return max(0, free - activations - headroom - sampler - graphs - sampler_graphs
+                   - GPU_SLACK_BYTES)
 
     def _prompt_buckets(self):
         return prompt_buckets(min(self.cfg.max_prefill_tokens, self.cfg.session_len))
@@ -225,6 +244,19 @@ class ModelRunner:
         per_step = (tokens * 2 * widest * elem
                     + max(buckets) * 2 * cfg.vocab_size * (4 + elem))
         return logits + 2 * per_step + (32 << 20)
+
+    def _capture_sampler_graphs(self) -> SamplerGraphs:
+        """The sampler's graphs (int32 tokens, as the engine hands them on), the common modes
+        captured now in every bucket; `memory['sampler_graphs']` is what they hold."""
+        cfg = self.cfg
+        graphs = SamplerGraphs(Sampler(), cfg.vocab_size, self.device, cfg.max_batch_size,
+                               out_dtype=torch.int32)
+        graphs.capture(graphs.keys(COMMON_MODES))
+        torch.cuda.synchronize(self.device)
+        self.memory['sampler_graphs'] = graphs.input_bytes + graphs.pool_bytes()
+        logger.info('captured %d sampler graphs (row buckets %s), %.1f MiB', graphs.captures,
+                    graphs.buckets, self.memory['sampler_graphs'] / 2**20)
+        return graphs
 
     @torch.inference_mode()
     def profile_activation_bytes(self) -> int:

@@ -285,6 +285,11 @@ class SamplingBatch:
     ``all_greedy``: every row is greedy; ``any_top_k``: some row has top_k > 1;
     ``any_top_p``: some row has top_p < 1; ``any_penalty``: some row has a penalty != 1;
     ``max_top_k``: the largest top_k if every non-greedy row has 0 < top_k, else 0.
+
+    Optional ``packed_floats`` fp32 [3, S] and ``packed_ints`` int64 [3, S]: tensors whose rows
+    the six per-row fields are views of (temperature, top_p, repetition_penalty and top_k, keys,
+    counters; `SamplingSlots` builds batches so), letting a consumer copy two tensors instead of
+    six (`packed`). The sampler itself never reads them.
     """
     temperature: torch.Tensor
     top_k: torch.Tensor
@@ -300,10 +305,29 @@ class SamplingBatch:
     any_top_p: bool = True
     any_penalty: bool = True
     max_top_k: int = 0
+    packed_floats: Optional[torch.Tensor] = None
+    packed_ints: Optional[torch.Tensor] = None
 
     @property
     def size(self) -> int:
         return int(self.temperature.shape[0])
+
+    def packed(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(packed_floats, packed_ints)`` while the six per-row fields are still their rows
+        (a field replaced since would otherwise be missed), else None."""
+        floats, ints = self.packed_floats, self.packed_ints
+        if floats is None or ints is None:
+            return None
+        for packed, fields in ((floats, (self.temperature, self.top_p, self.repetition_penalty)),
+                               (ints, (self.top_k, self.keys, self.counters))):
+            if packed.dim() != 2 or packed.shape[0] != 3:
+                return None
+            base, row = packed.data_ptr(), packed.stride(0) * packed.element_size()
+            for r, t in enumerate(fields):
+                if (t.data_ptr() != base + r * row or t.dtype != packed.dtype
+                        or t.shape != packed.shape[1:] or t.stride() != packed.stride()[1:]):
+                    return None
+        return floats, ints
 
     @classmethod
     def build(cls, params: Sequence[SamplingParams], rngs: Sequence[RequestRng],

@@ -140,7 +140,8 @@ class SamplingSlots:
         seen_ids, seen_lens = self._seen(idx, device) if any_penalty else (None, None)
         return SamplingBatch(
             temperature=floats[0], top_p=floats[1], repetition_penalty=floats[2],
-            top_k=ints[0], keys=ints[1], counters=ints[2], bad_ids=bad,
+            top_k=ints[0], keys=ints[1], counters=ints[2], packed_floats=floats,
+            packed_ints=ints, bad_ids=bad,
             seen_ids=seen_ids, seen_lens=seen_lens,
             all_greedy=bool(greedy.all()) and len(idx) > 0,
             any_top_k=bool((k_sampled > 1).any()),

@@ -159,10 +159,12 @@ def test_memory_plan_7b(tm7b):
     assert 13.4e9 < m['weights'] < 13.6e9  # 6.74 B params x 2 bytes = 12.55 GiB
     assert m['activations'] > 0 and m['graphs'] >= 0
     assert m['graphs'] <= m['graph_reserve'] + (64 << 20), m
+    assert 0 < m['sampler_graphs'] <= m['sampler_graph_reserve'], m
     assert m['allocator_headroom'] >= m['activations']
     assert abs(m['kv_cache'] - 0.3 * (m['free_before_kv'] - m['activations']
                                       - m['allocator_headroom'] - m['sampler_margin']
-                                      - m['graph_reserve'] - m['slack'])) < 64 << 20
+                                      - m['graph_reserve'] - m['sampler_graph_reserve']
+                                      - m['slack'])) < 64 << 20
 
 
 def test_does_not_fit_error_before_loading():
