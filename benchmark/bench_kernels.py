@@ -179,10 +179,6 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
             # an int8 program is done sooner: more, shorter partitions against the last
             # wave's tail (only where waves x SMs exceeds rows x KV heads)
             cands += [dict(waves=16), dict(waves=32), dict(waves=32, min_partition=512)]
-            # the fast conversion's 1152 left in the tiles (static scales): one op less a value
-            cands += [dict(i8_bias=True), dict(i8_bias=True, num_stages=5),
-                      dict(i8_bias=True, num_stages=7), dict(i8_bias=True, BLOCK_N=128,
-                                                            num_stages=4)]
         else:
             cands += [dict(BLOCK_N=64, num_warps=4, num_stages=1),
                       dict(BLOCK_N=32, num_warps=2, num_stages=2),

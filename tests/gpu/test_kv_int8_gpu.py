@@ -88,17 +88,6 @@ def test_decode_int8_fast_conversion_equals_the_cast(mode):
     assert torch.equal(plain, fast)
 
 
-@pytest.mark.parametrize('splits', [None, 7])
-@pytest.mark.parametrize('hkv', [32, 8])
-def test_decode_int8_bias_close_to_reference(hkv, splits):
-    """decode_cfg i8_bias (static scales: the 1152 of the fast conversion left in the tiles and
-    taken out of the scores by softmax, of the PV sum at the end): as close as the cast."""
-    lens = [4095, 17, 1000, 2500, 1, 64, 3001]
-    args, qp = int8_attention([(n, 1) for n in lens], 32, hkv, 128, 64, torch.float16, 'static',
-                              13)
-    check(args, qp, torch.float16, num_splits=splits, decode_cfg=dict(fast_i8=True, i8_bias=True))
-
-
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('mode', MODES)
 @pytest.mark.parametrize('splits', [None, 7])

@@ -104,13 +104,6 @@ for quant in ('static', 'online'):
     _case(f'attn-int8-{quant}-decode-fp16-fast-i8', op='attn', D=32, hq=4, hkv=2, page=4,
           rows=[(20, 1), (45, 1), (70, 1)], dtype='float16', quant=quant, num_splits=2,
           decode_cfg=dict(fast_i8=True))
-    # ... with the 1152 of the conversion left in (static scales; online ignores it)
-    _case(f'attn-int8-{quant}-decode-fp16-i8-bias', op='attn', D=32, hq=4, hkv=2, page=4,
-          rows=[(20, 1), (45, 1), (70, 1), (1, 1)], dtype='float16', quant=quant, num_splits=2,
-          decode_cfg=dict(fast_i8=True, i8_bias=True))
-    _case(f'attn-int8-{quant}-mixed-fp16-i8-bias', op='attn', D=32, hq=4, hkv=2, page=4,
-          rows=[(20, 1), (45, 1), (7, 12)], dtype='float16', quant=quant,
-          decode_cfg=dict(fast_i8=True, i8_bias=True))
 
 # rotary + store_kv in one kernel: equal (bitwise) to the two Triton kernels, close to the refs.
 # q/k/v are column views of a fused qkv output; slot 1 is negative.

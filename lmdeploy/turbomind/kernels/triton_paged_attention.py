@@ -45,21 +45,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _load_kv(ptrs, mask, DT: tl.constexpr, FAST_I8: tl.constexpr = False,
-             I8_BIAS: tl.constexpr = False):
+def _load_kv(ptrs, mask, DT: tl.constexpr, FAST_I8: tl.constexpr = False):
     """Load one K or V tile in the compute dtype DT (a no-op cast for float caches; int8
     values convert exactly, the scales are applied by the callers, see the module doc).
     FAST_I8 (int8 cache, fp16 DT): convert by bits instead of the int-to-float instruction,
     which runs at a quarter of the ALU rate: x + 128 as the low byte of the fp16 0x6400
-    (1024 + x + 128, exact) minus 1152. I8_BIAS: leave the 1152 in (one op less per value);
-    the caller takes it out (`_decode_kernel`)."""
+    (1024 + x + 128, exact) minus 1152."""
     x = tl.load(ptrs, mask=mask, other=0)
     if FAST_I8 and x.dtype == tl.int8 and DT == tl.float16:
         u = (x.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint16)
-        y = (u | 0x6400).to(tl.float16, bitcast=True)
-        if I8_BIAS:
-            return y
-        return y - 1152.0
+        return (u | 0x6400).to(tl.float16, bitcast=True) - 1152.0
     return x.to(DT)
 
 
@@ -99,12 +94,8 @@ def _scale_v(v, QP, kvh, blk, offs_n, mask_n, stride_qpkv, stride_qpb, stride_qp
 
 
 @triton.jit
-def _finish_acc(acc, l_i, QP, kvh, stride_qpkv, QUANT: tl.constexpr,
-                I8_BIAS: tl.constexpr = False):
-    """Static int8: acc = P @ q_v becomes P @ (q_v * s + z) = s * acc + z * sum(P); with
-    I8_BIAS the V tiles were q_v + 1152: acc - 1152 * sum(P) first."""
-    if I8_BIAS:
-        acc = acc - 1152.0 * l_i[:, None]
+def _finish_acc(acc, l_i, QP, kvh, stride_qpkv, QUANT: tl.constexpr):
+    """Static int8: acc = P @ q_v becomes P @ (q_v * s + z) = s * acc + z * sum(P)."""
     if QUANT == 1:
         v_s = tl.load(QP + 2 * stride_qpkv + kvh)
         v_z = tl.load(QP + 3 * stride_qpkv + kvh)
@@ -126,16 +117,15 @@ def _block_ids(BT_row, offs_n, mask_n, n0, PAGE: tl.constexpr, BLOCK_N: tl.const
 @triton.jit
 def _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d, kv_mask, stride_kb, stride_ks,
                   stride_vb, stride_vs, DT: tl.constexpr, PAGE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, FAST_I8: tl.constexpr = False,
-                  I8_BIAS: tl.constexpr = False):
+                  BLOCK_N: tl.constexpr, FAST_I8: tl.constexpr = False):
     """The K and V tiles of positions offs_n (one KV head) and their pool blocks: (blk, k, v).
     kv_mask: what to load ([BLOCK_N, BLOCK_D]; full tiles pass only the head-dim mask)."""
     blk = _block_ids(BT_row, offs_n, mask_n, n0, PAGE, BLOCK_N)
     off = (offs_n % PAGE)[:, None]
     k = _load_kv(K_h + blk[:, None] * stride_kb + off * stride_ks + offs_d[None, :], kv_mask, DT,
-                 FAST_I8, I8_BIAS)
+                 FAST_I8)
     v = _load_kv(V_h + blk[:, None] * stride_vb + off * stride_vs + offs_d[None, :], kv_mask, DT,
-                 FAST_I8, I8_BIAS)
+                 FAST_I8)
     return blk, k, v
 
 
@@ -151,11 +141,7 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
                    GROUP: tl.constexpr, G_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   MIXED: tl.constexpr, FAST_I8: tl.constexpr = False,
-                   I8_BIAS: tl.constexpr = False):
-    # I8_BIAS (static int8 with FAST_I8 only): K and V tiles come as q + 1152. Every score of a
-    # query head then moves by the same 1152 * sum(q) (softmax does not see it); the PV sum gains
-    # 1152 * sum(p), taken out at the end, with l_i summing the fp16 p the PV dot multiplies.
+                   MIXED: tl.constexpr, FAST_I8: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -192,7 +178,7 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
         blk, k, v = _load_kv_tile(K_h, V_h, BT_row, offs_n, mask_n, n0, offs_d,
                                   mask_n[:, None] & mask_d[None, :], stride_kb, stride_ks,
                                   stride_vb, stride_vs, Q.dtype.element_ty, PAGE, BLOCK_N,
-                                  FAST_I8, I8_BIAS)
+                                  FAST_I8)
         if USE_DOT:
             s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PREC)
         else:
@@ -203,8 +189,6 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        if I8_BIAS:
-            p = p.to(tl.float16).to(tl.float32)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = _scale_v(v, QP, kvh, blk, offs_n, mask_n, stride_qpkv, stride_qpb, stride_qph, PAGE,
                      QUANT)
@@ -214,7 +198,7 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
             pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
         acc = acc * alpha[:, None] + pv
         m_i = m_new
-    acc = _finish_acc(acc, l_i, QP, kvh, stride_qpkv, QUANT, I8_BIAS)
+    acc = _finish_acc(acc, l_i, QP, kvh, stride_qpkv, QUANT)
 
     if not SPLIT_K:
         out = acc / l_i[:, None]
@@ -391,7 +375,7 @@ def _next_pow2(n: int) -> int:
 # on one row's context: B1 ctx 1100 10.7 -> 9.3 us, ctx 300 9.4 -> 7.4 (hint 4096); B64/B146
 # unchanged (H100, bench_kernels.py --only decode --sweep, benchmark/NOTES.md session 4).
 DECODE_CFG = dict(BLOCK_N=64, num_warps=4, num_stages=3, min_partition=128, waves=8,
-                  use_dot=True, fast_i8=False, i8_bias=False)  # int8 caches only, see _load_kv
+                  use_dot=True, fast_i8=False)  # fast_i8: int8 caches only, see _load_kv
 PREFILL_CFG = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3)
 COMBINE_CHUNK = 16  # partitions the combine kernel merges per iteration
 # Overrides of DECODE_CFG for int8 caches. An int8 tile is half the bytes of an fp16 one, so a
@@ -469,7 +453,6 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partition = triton.cdiv(triton.cdiv(max_kv, splits), block_n) * block_n
         splits = max(1, triton.cdiv(max_kv, partition))
     use_dot = cfg['use_dot']
-    fast_i8 = bool(cfg.get('fast_i8', False)) and q.dtype == torch.float16
     g_pad = max(16, _next_pow2(group)) if use_dot else _next_pow2(group)
     if splits > 1:
         tmp_o = torch.empty((B, hq, splits, block_d), dtype=torch.float32, device=q.device)
@@ -481,7 +464,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         partition, q.stride(0), q.stride(1), *common_strides, QUANT=quant,
         SPLIT_K=splits > 1, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE=page, USE_DOT=use_dot, DOT_PREC=prec, MIXED=mixed,
-        FAST_I8=fast_i8, I8_BIAS=fast_i8 and quant == 1 and bool(cfg.get('i8_bias', False)),
+        FAST_I8=bool(cfg.get('fast_i8', False)),
         num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
     if splits > 1:
         _combine_kernel[(B, hq)](tmp_o, tmp_ml, cu_seqlens, kv_lens, out, partition, splits,
