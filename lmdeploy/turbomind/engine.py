@@ -641,9 +641,13 @@ class Engine:
                 _count_pending_as_seen(batch, plan, prev.tokens)
             if timer:
                 timer.lap('sample_batch')
+                replays = getattr(self.sampler, 'replays', None)  # SamplerGraphs' counter
             # the sampler graphs return int32 tokens already: no copy then
             tokens = self.sampler(logits[:num_samples], batch).to(torch.int32)
             if timer:
+                if replays is not None:  # did the graphs serve the step?
+                    timer.count('sampler_replays' if self.sampler.replays > replays
+                                else 'sampler_fallbacks')
                 timer.lap('sample')
             self.slots.advance(slot_idx, batch)
             launched.tokens = tokens

@@ -22,7 +22,8 @@ Construction order is the memory plan's (GPU):
 5. the KV pool from ``cache_max_entry_count``: <= 1 is that fraction of what is free after 3
    and 4; > 1 is v0.0.2's count of ``session_len``-long sessions (an error if they do not fit);
 6. the CUDA graphs (`cuda_graph.py`), captured over the pool, then the sampler graphs of the
-   common sampling modes (`sampler_graphs.py`; the engine captures other modes on first use).
+   common sampling modes, without and with one bad word (ignore_eos bans EOS so)
+   (`sampler_graphs.py`; the engine captures other modes on first use).
 
 int8 KV halves `KVCache.bytes_per_block`, so the same memory gives twice the blocks (online
 scales cost 4 bytes per token, head and K/V on top).
@@ -247,7 +248,8 @@ class ModelRunner:
 
     def _capture_sampler_graphs(self) -> SamplerGraphs:
         """The sampler's graphs (int32 tokens, as the engine hands them on), the common modes
-        captured now in every bucket; `memory['sampler_graphs']` is what they hold."""
+        with bad-words widths 0 and 1 captured now in every bucket; `memory['sampler_graphs']`
+        is what they hold."""
         cfg = self.cfg
         graphs = SamplerGraphs(Sampler(), cfg.vocab_size, self.device, cfg.max_batch_size,
                                out_dtype=torch.int32)

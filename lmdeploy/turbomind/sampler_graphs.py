@@ -4,10 +4,11 @@
 cumsum, the counter-based RNG's int64 hash, searchsorted), each launched from Python: 1.4-1.9 ms
 of host time per step on the H100 (Llama-2-7B serving, ~4 rows a step), against ~0.55 ms for
 the whole forward's graph replay. `SamplerGraphs` replays the same ops from a CUDA graph: a call
-is three copies into static inputs, one replay and one copy out.
+is three copies into static inputs (four with bad words), one replay and one copy out.
 
     graphs = SamplerGraphs(Sampler(), vocab_size, device, max_rows=cfg.max_batch_size)
     graphs.capture(graphs.keys(COMMON_MODES))    # optional: ahead of time, at start-up
+                                                 # (each mode without and with one bad word)
     tokens = graphs(logits, batch)               # == Sampler()(logits, batch), bit for bit
 
 Graphs
@@ -16,23 +17,34 @@ One graph per `GraphKey`: a row bucket (`sampler_buckets`: powers of two below
 min(max_rows, 64), and that bound) and the host-side flags that choose `Sampler.forward`'s
 branches, normalised so that flag sets running the same ops share a graph: ``thresholds``
 (any_top_k or any_top_p: the top-k/top-p block runs), ``top_p`` (any_top_p: its nucleus part
-runs) and ``top_k`` (max_top_k where forward takes its `torch.topk` path, else 0: a full sort).
-Every graph runs `forward` over views of static inputs shared by all of them: fp32 logits
-[max_bucket, V] and the per-row parameters packed as `SamplingSlots` packs them, fp32 [3,
-max_bucket] (temperature, top_p, repetition_penalty) and int64 [3, max_bucket] (top_k, keys,
-counters). A call copies its S rows in and replays its bucket's graph. Rows S..bucket-1 keep
-what they held (zeros at first: temperature 0, greedy rows; later an earlier call's rows):
-valid values, and every op is row-wise, so they only cost their share of the work and their
-outputs are dropped.
+runs) and ``top_k`` (max_top_k where forward takes its `torch.topk` path, else 0: a full sort)
+and ``bad`` (the bad-words width: `batch.bad_ids`' columns rounded up to a power of two, 0
+for none; wider than `MAX_BAD_WIDTH`: eager). Every graph runs `forward` over views of static
+inputs shared by all of them: fp32 logits [max_bucket, V], the per-row parameters packed as
+`SamplingSlots` packs them, fp32 [3, max_bucket] (temperature, top_p, repetition_penalty) and
+int64 [3, max_bucket] (top_k, keys, counters), and int64 bad ids [max_bucket, MAX_BAD_WIDTH],
+of which a graph of width ``bad`` reads the columns [:bad]. A call copies its S rows in and
+replays its bucket's graph. Rows S..bucket-1 keep what they held (zeros at first: temperature
+0, greedy rows, id 0 banned; later an earlier call's rows): valid values, and every op is
+row-wise, so they only cost their share of the work and their outputs are dropped. Within
+rows :S the call's bad ids fill the columns [:bad], padded with -1 (ignored ids):
+`SamplingSlots` hands them out at that width already, so that is one copy; an unpadded
+batch's columns W..bad are set to -1 by one more op, so an earlier, wider call's ids never
+leak into a narrower one.
 
 The tokens are the eager sampler's: the graph runs the same kernels on the same rows, and no
 kernel's per-row arithmetic depends on the number of rows (softmax's block size and cumsum's
 scan depend on the row length only; argmax, topk, sort, gather and searchsorted are exact),
 except that cumsum takes another path for a one-row tensor, so S = 1 has a bucket of its own.
+The -1 columns of padded bad ids change nothing: `_rowwise_update` redirects invalid ids to
+the row's first valid one, rewriting the same -inf (a no-op in a row without any). That branch
+captures like the rest: comparisons, any, argmax, gather, where and an out-of-place scatter
+over [S, W], with no host sync and no shape that depends on the data.
 
 Eager instead (counted in `fallbacks`): not CUDA, S == 0, S above the largest bucket, logits of
-another width or device, all rows greedy (the argmax alone is cheap), a repetition penalty or
-bad words (their id widths change from step to step), or a new key once `max_graphs` exist.
+another width or device, all rows greedy (the argmax alone is cheap), a repetition penalty (its
+ids are the whole history, wider every step), more than `MAX_BAD_WIDTH` bad words in a row, or
+a new key once `max_graphs` exist.
 
 The returned tokens are a new tensor (``out[:S].to(out_dtype)``, int64 by default; the engine
 asks for int32, so the cast it makes anyway is the copy): the next replay rewrites the graph's
@@ -65,11 +77,12 @@ All graphs share one private pool (`torch.cuda.graph_pool_handle`). Between repl
 graph's output ([bucket] int64) stays allocated; the pool keeps the largest capture's peak of
 intermediates: up to ~9 fp32 [bucket, V] buffers for the full-sort top-p path (the scaled logits,
 sort's values and int64 indices with cub's double buffers, the thresholded logits, softmax,
-cumsum), rounded up to the allocator's segments, plus what later captures could not fit in
-it. `reserve_bytes(max_rows, vocab_size)` is what the memory plan sets aside for the pool and
-the static inputs (~150 MiB at 64 rows x 32000, ~455 MiB at 64 x 128256). Capturing the
-largest bucket first (`capture`, as the runner does at start-up) keeps the pool near one peak,
-which later captures reuse; `pool_bytes()` measures it.
+cumsum) and one more with bad words (their out-of-place scatter), rounded up to the allocator's
+segments, plus what later captures could not fit in it. `reserve_bytes(max_rows, vocab_size)`
+is what the memory plan sets aside for the pool and the static inputs (~157 MiB at 64 rows x
+32000, ~486 MiB at 64 x 128256). Capturing the largest bucket first (`capture`, as the runner
+does at start-up) keeps the pool near one peak, which later captures reuse; `pool_bytes()`
+measures it.
 """
 import gc
 import logging
@@ -82,10 +95,11 @@ from .sampling import Sampler, SamplingBatch
 logger = logging.getLogger('lmdeploy.turbomind')
 
 MAX_ROWS = 64  # larger steps sample eagerly: their device time hides the launches
+MAX_BAD_WIDTH = 8  # bad-words widths above this sample eagerly (usually just EOS: 1)
 # fp32 [rows, V] buffers the pool may hold per row of the largest bucket: the full-sort top-p
-# path's peak (~9, int64 counted twice) plus the allocator's rounding and the segments of
-# smaller buckets captured before the largest.
-POOL_ROWS_OF_V = 12
+# path's peak (~9, int64 counted twice), one more for the bad words' scatter, plus the
+# allocator's rounding and the segments of smaller buckets captured before the largest.
+POOL_ROWS_OF_V = 13
 # The caching allocator's segment sizes: a request of 1-10 MiB takes a 20 MiB segment, one of
 # up to 1 MiB a 2 MiB one; at small buckets these dominate the per-row terms.
 POOL_SLACK_BYTES = 48 << 20
@@ -97,11 +111,14 @@ class GraphKey(NamedTuple):
     thresholds: bool  # the top-k/top-p block runs (any_top_k or any_top_p)
     top_p: bool  # ... with its nucleus part (any_top_p)
     top_k: int  # the torch.topk width (max_top_k on forward's fast path), 0: a full sort
+    bad: int = 0  # the bad ids' width (a power of two), 0: no bad words
 
 
 # (any_top_k, any_top_p, max_top_k) of the common requests: temperature only; top_p only;
 # top_k 40 + top_p (v0.0.2's defaults).
 COMMON_MODES = ((False, False, 0), (False, True, 0), (True, True, 40))
+# Bad-words widths captured at start-up with each mode: none, and ignore_eos's banned EOS.
+COMMON_BAD_WIDTHS = (0, 1)
 
 
 def sampler_buckets(max_rows: int, limit: int = MAX_ROWS) -> List[int]:
@@ -114,27 +131,36 @@ def sampler_buckets(max_rows: int, limit: int = MAX_ROWS) -> List[int]:
     return out + [top] if top > 0 else []
 
 
+def bad_width(width: int) -> int:
+    """`width` bad-id columns rounded up to a power of two (0 stays 0)."""
+    return 1 << (int(width) - 1).bit_length() if width > 0 else 0
+
+
 def mode_key(rows: int, any_top_k: bool, any_top_p: bool, max_top_k: int, vocab_size: int,
-             topk_fast_path: int) -> GraphKey:
-    """The key of a bucket and a batch's branch flags, normalised (module doc)."""
+             topk_fast_path: int, bad: int = 0) -> GraphKey:
+    """The key of a bucket, a batch's branch flags and bad-ids width, normalised (module
+    doc)."""
     thresholds = bool(any_top_k or any_top_p)
     max_top_k = int(max_top_k)
     fast = thresholds and 0 < max_top_k <= topk_fast_path and max_top_k < vocab_size
-    return GraphKey(rows, thresholds, bool(any_top_p), max_top_k if fast else 0)
+    return GraphKey(rows, thresholds, bool(any_top_p), max_top_k if fast else 0, bad_width(bad))
 
 
 def graph_key(batch: SamplingBatch, rows: int, width: int, buckets: List[int], vocab_size: int,
               topk_fast_path: int) -> Optional[GraphKey]:
     """The graph that samples `rows` rows of `width` logits with `batch`; None: eager (no rows,
     more rows than the largest bucket, another width, all rows greedy, a repetition penalty or
-    bad words)."""
+    more than `MAX_BAD_WIDTH` bad words)."""
     if (rows == 0 or not buckets or rows > buckets[-1] or width != vocab_size
-            or batch.size != rows or batch.all_greedy or batch.any_penalty
-            or batch.bad_ids is not None):
+            or batch.size != rows or batch.all_greedy or batch.any_penalty):
+        return None
+    bad = batch.bad_ids
+    bad = bad_width(bad.shape[1]) if bad is not None and bad.numel() else 0
+    if bad > MAX_BAD_WIDTH:
         return None
     bucket = next(b for b in buckets if b >= rows)
     return mode_key(bucket, batch.any_top_k, batch.any_top_p, batch.max_top_k, vocab_size,
-                    topk_fast_path)
+                    topk_fast_path, bad)
 
 
 class _Graph:
@@ -152,7 +178,7 @@ class SamplerGraphs:
     (calls run eagerly)."""
 
     def __init__(self, sampler: Sampler, vocab_size: int, device, max_rows: int = MAX_ROWS,
-                 limit: int = MAX_ROWS, max_graphs: int = 64,
+                 limit: int = MAX_ROWS, max_graphs: int = 96,
                  out_dtype: torch.dtype = torch.int64):
         self.sampler = sampler
         self.vocab_size = int(vocab_size)
@@ -167,6 +193,7 @@ class SamplerGraphs:
         self.failed: set = set()  # keys whose capture raised: eager from then on
         self.replays = self.captures = self.fallbacks = 0
         self._views: Dict[int, Tuple[torch.Tensor, ...]] = {}  # S -> views of the inputs
+        self._bad_views: Dict[Tuple[int, int], torch.Tensor] = {}  # (S, width) -> bad ids
         if not self.buckets:
             return
         rows = self.buckets[-1]
@@ -175,8 +202,9 @@ class SamplerGraphs:
             self.logits = torch.zeros(rows, self.vocab_size, dtype=torch.float32, device=device)
             self.floats = torch.zeros(3, rows, dtype=torch.float32, device=device)
             self.ints = torch.zeros(3, rows, dtype=torch.int64, device=device)
+            self.bad = torch.zeros(rows, MAX_BAD_WIDTH, dtype=torch.int64, device=device)
         self.input_bytes = sum(t.numel() * t.element_size()
-                               for t in (self.logits, self.floats, self.ints))
+                               for t in (self.logits, self.floats, self.ints, self.bad))
         self.pool = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device)
 
@@ -187,7 +215,7 @@ class SamplerGraphs:
         if not buckets:
             return 0
         rows, row_bytes = buckets[-1], int(vocab_size) * 4
-        inputs = rows * row_bytes + 6 * rows * 8
+        inputs = rows * row_bytes + (6 + MAX_BAD_WIDTH) * rows * 8
         return inputs + POOL_ROWS_OF_V * rows * row_bytes + POOL_SLACK_BYTES
 
     # ----------------------------------------------------------------------------------------
@@ -203,7 +231,7 @@ class SamplerGraphs:
         if graph is None:
             return self._eager(logits, batch)
         S = logits.shape[0]
-        self._load(S, logits, batch)
+        self._load(S, logits, batch, key.bad)
         graph.graph.replay()
         self.replays += 1
         return graph.out[:S].to(self.out_dtype, copy=True)
@@ -215,25 +243,38 @@ class SamplerGraphs:
         return graph_key(batch, logits.shape[0], logits.shape[1], self.buckets,
                          self.vocab_size, self.sampler.topk_fast_path)
 
-    def keys(self, modes: Iterable[Tuple[bool, bool, int]] = COMMON_MODES) -> List[GraphKey]:
-        """The keys of `modes` (a batch's (any_top_k, any_top_p, max_top_k) each) in every
-        bucket."""
+    def keys(self, modes: Iterable[Tuple[bool, bool, int]] = COMMON_MODES,
+             bad_widths: Iterable[int] = COMMON_BAD_WIDTHS) -> List[GraphKey]:
+        """The keys of `modes` (a batch's (any_top_k, any_top_p, max_top_k) each) with each of
+        `bad_widths` in every bucket."""
         fast = self.sampler.topk_fast_path
-        return sorted({mode_key(b, *mode, self.vocab_size, fast)
-                       for b in self.buckets for mode in modes})
+        return sorted({mode_key(b, *mode, self.vocab_size, fast, w)
+                       for b in self.buckets for mode in modes for w in bad_widths})
 
     def _eager(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         self.fallbacks += 1
         out = self.sampler(logits, batch)
         return out if out.dtype == self.out_dtype else out.to(self.out_dtype)
 
-    def _load(self, S: int, logits: torch.Tensor, batch: SamplingBatch):
-        """Copy the call's rows into the static inputs: three copies from a packed batch."""
+    def _load(self, S: int, logits: torch.Tensor, batch: SamplingBatch, bad: int):
+        """Copy the call's rows into the static inputs: three copies from a packed batch, four
+        with bad words padded to their key's width (module doc)."""
         views = self._views.get(S)
         if views is None:
             f, i = self.floats[:, :S], self.ints[:, :S]
             views = self._views[S] = (self.logits[:S], f, i, f[0], f[1], i[0], i[1], i[2])
         views[0].copy_(logits)
+        if bad:
+            dst = self._bad_views.get((S, bad))
+            if dst is None:
+                dst = self._bad_views[S, bad] = self.bad[:S, :bad]
+            ids = batch.bad_ids
+            W = ids.shape[1]
+            if W == bad:
+                dst.copy_(ids)
+            else:
+                dst[:, :W].copy_(ids)
+                dst[:, W:].fill_(-1)
         packed = batch.packed()
         if packed is not None:
             views[1].copy_(packed[0])
@@ -258,8 +299,10 @@ class SamplerGraphs:
 
     def _static_batch(self, key: GraphKey) -> SamplingBatch:
         f, i = self.floats[:, :key.rows], self.ints[:, :key.rows]
+        bad = self.bad[:key.rows, :key.bad] if key.bad else None
         return SamplingBatch(temperature=f[0], top_p=f[1], repetition_penalty=f[2],
-                             top_k=i[0], keys=i[1], counters=i[2], all_greedy=False,
+                             top_k=i[0], keys=i[1], counters=i[2], bad_ids=bad,
+                             all_greedy=False,
                              any_top_k=key.thresholds, any_top_p=key.top_p, any_penalty=False,
                              max_top_k=key.top_k)
 

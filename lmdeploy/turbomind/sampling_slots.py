@@ -6,7 +6,8 @@ its random stream (key, counter), its bad words and, when it has a repetition pe
 history live in row `slot` of numpy arrays. A step's batch is a numpy gather by the step's slot
 order plus a few host-to-device copies, and while the set and order of sampling rows stays the
 same (steady decoding) the device tensors of the previous step are reused: only the counters
-move, on the device.
+move, on the device. Bad ids come padded with -1 to a power-of-two width (what the sampler
+graphs' keys use: sampler_graphs.py), so a graph loads them with one copy.
 
     slots = SamplingSlots()
     s = slots.add(params, rng, history=None)     # history: token ids, only with a penalty
@@ -64,8 +65,8 @@ class SamplingSlots:
             if s >= len(self.temperature):
                 self._alloc(2 * len(self.temperature), self.bad.shape[1])
         words = list(params.bad_words)
-        if len(words) > self.bad.shape[1]:
-            self._alloc(len(self.temperature), len(words))
+        if len(words) > self.bad.shape[1]:  # a power of two, as the batches' widths
+            self._alloc(len(self.temperature), 1 << (len(words) - 1).bit_length())
         self.temperature[s] = params.temperature
         self.top_p[s] = params.top_p
         self.penalty[s] = params.repetition_penalty
@@ -132,6 +133,7 @@ class SamplingSlots:
         all_k = bool(sampled.any()) and bool((k_sampled > 0).all())
         any_penalty = bool((penalty != 1.0).any())
         width = int(self.bad_len[idx].max()) if len(idx) else 0
+        width = 1 << (width - 1).bit_length() if width else 0
         floats = torch.from_numpy(np.stack([self.temperature[idx], top_p, penalty]))
         ints = torch.from_numpy(np.stack([top_k, self.key[idx], self.counter[idx]]))
         floats, ints = floats.to(device, non_blocking=True), ints.to(device, non_blocking=True)

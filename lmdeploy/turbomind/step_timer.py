@@ -16,7 +16,8 @@ graph_out), sample_batch (the sampling batch on the device), sample (the sampler
 (counters, tokens to the host), wake, sync (the wait for the outstanding step's tokens),
 update, dispatch. `count(name)` counts events (the engine's
 'jit_waits', and 'jit_misses': waits after which the device had finished before the next step
-was queued); the report has their totals. `observe(name, seconds)` keeps one value per event
+was queued; with the sampler graphs, 'sampler_replays' and 'sampler_fallbacks': steps whose
+sampling replayed a graph or ran eagerly); the report has their totals. `observe(name, seconds)` keeps one value per event
 (e.g. a request's wait before its first step): the report has their count, mean, p50 and p90
 in milliseconds (`<name>_n`, `<name>_ms_mean`, ...). The engine observes where its requests'
 first tokens spent their time (`ttft_queue`: submit -> its first step queued on the device;

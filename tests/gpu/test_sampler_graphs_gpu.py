@@ -1,8 +1,9 @@
 """Sampler CUDA graphs (sampler_graphs.py): graph tokens == eager `Sampler` tokens bit for bit
-over consecutive steps (counters advancing, the row count changing between calls), the
-fallbacks, one capture per key, no allocation per replay, a lazy capture that does not wait for
-the device, the pool within its reserve, and the engine's tokens with and without the sampler
-graphs. Skips without CUDA. On the H100:
+over consecutive steps (counters advancing, the row count changing between calls), also with
+bad words of several widths, the fallbacks, one capture per key, no allocation per replay, a
+lazy capture that does not wait for the device, the pool within its reserve, and the engine's
+tokens (ignore_eos: EOS banned) with and without the sampler graphs. Skips without CUDA. On the
+H100:
     python3 -m pytest -q tests/gpu/test_sampler_graphs_gpu.py
 """
 import time
@@ -11,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmdeploy.turbomind.sampler_graphs import COMMON_MODES, SamplerGraphs
-from lmdeploy.turbomind.sampling import RequestRng, Sampler, SamplingParams
+from lmdeploy.turbomind.sampler_graphs import COMMON_MODES, MAX_BAD_WIDTH, SamplerGraphs
+from lmdeploy.turbomind.sampling import RequestRng, Sampler, SamplingBatch, SamplingParams
 from lmdeploy.turbomind.sampling_slots import SamplingSlots
 from tests.turbomind.conftest import workspace  # noqa: F401  (fixture)
 
@@ -74,6 +75,69 @@ def test_graph_tokens_equal_eager_over_steps(mode):
     assert sampled > 0  # the tokens were drawn, not only the argmax
 
 
+BANNED = (2, 5, 11, 13)
+
+
+def banned_logits(S, gen):
+    """Random logits with the BANNED ids the likeliest, so the bans decide the tokens."""
+    logits = random_logits(S, gen)
+    logits[:, list(BANNED)] += 12
+    return logits
+
+
+@pytest.mark.parametrize('mode', ['top_k_top_p', 'temperature', 'mixed'])
+def test_graph_tokens_equal_eager_with_bad_words(mode):
+    """Widths 1 (EOS, as ignore_eos) and 3 (padded to 4) alternate on the same graphs: the
+    narrower graph never reads the ids a wider call left in the static buffer."""
+    graphs = SamplerGraphs(Sampler(), V, DEV, max_rows=64)
+    eager = Sampler()
+    sets = {1: (BANNED[:1],) + make_slots(MODES[mode], bad_words=BANNED[:1]),
+            3: (BANNED[1:],) + make_slots(MODES[mode], seed=1, bad_words=BANNED[1:])}
+    gen = torch.Generator().manual_seed(7)
+    calls = 0
+    for S in ROW_COUNTS:
+        for width in (3, 1):
+            banned, slots, idx = sets[width]
+            rows = idx[:S]
+            for _ in range(2):
+                batch = slots.batch(rows, DEV)
+                assert batch.bad_ids.shape == (S, 4 if width == 3 else 1)
+                logits = banned_logits(S, gen)
+                want = eager(logits, batch)
+                got = graphs(logits, batch)
+                assert torch.equal(got, want), (mode, S, width)
+                assert not torch.isin(got, torch.tensor(banned, device=DEV)).any()
+                slots.advance(rows, batch)
+                calls += 1
+    assert graphs.fallbacks == 0 and graphs.replays == calls
+    assert {k.bad for k in graphs.graphs} == {1, 4}
+
+
+def test_unpadded_bad_ids_do_not_see_a_wider_calls_ids():
+    """A hand-built batch of width 3 replays the width-4 graph: its 4th column is set to -1,
+    not left with the id a width-4 call put there (13, here the likeliest token)."""
+    graphs = SamplerGraphs(Sampler(), V, DEV, max_rows=8)
+    slots, idx = make_slots(MODES['temperature'], n=4, bad_words=BANNED)
+    params = [SamplingParams(random_seed=50 + i, bad_words=BANNED[:3], **MODES['temperature'][0])
+              for i in range(4)]
+    rngs = [RequestRng(50 + i) for i in range(4)]
+    gen = torch.Generator().manual_seed(8)
+    for _ in range(3):
+        batch = slots.batch(idx, DEV)
+        logits = banned_logits(4, gen)
+        assert torch.equal(graphs(logits, batch), Sampler()(logits, batch))
+        slots.advance(idx, batch)
+        built = SamplingBatch.build(params, rngs, device=DEV)
+        assert built.bad_ids.shape == (4, 3)
+        logits = banned_logits(4, gen)
+        logits[:, 13] += 40
+        want = Sampler()(logits, built)
+        assert torch.equal(graphs(logits, built), want) and (want == 13).all()
+        for r in rngs:
+            r.advance()
+    assert graphs.replays == 6 and graphs.captures == 1
+
+
 def test_int32_output_is_a_fresh_tensor():
     graphs = SamplerGraphs(Sampler(), V, DEV, max_rows=8, out_dtype=torch.int32)
     slots, idx = make_slots(MODES['top_p'], n=8)
@@ -94,8 +158,8 @@ def test_fallbacks_are_eager_and_counted(case):
     S, overrides, pattern = 5, {}, MODES['top_k_top_p']
     if case == 'penalty':
         overrides = dict(repetition_penalty=1.3)
-    elif case == 'bad_words':
-        overrides = dict(bad_words=(3, 17))
+    elif case == 'bad_words':  # wider than the graphs take
+        overrides = dict(bad_words=tuple(range(3, 4 + MAX_BAD_WIDTH)))
     elif case == 'all_greedy':
         pattern = [GREEDY]
     else:
@@ -135,22 +199,22 @@ def test_capture_once_per_key_and_replays_allocate_nothing():
 
 
 def test_ahead_of_time_capture_then_graph_limit():
-    graphs = SamplerGraphs(Sampler(), V, DEV, max_rows=16, max_graphs=16)
+    graphs = SamplerGraphs(Sampler(), V, DEV, max_rows=16, max_graphs=31)
     keys = graphs.keys(COMMON_MODES)
-    assert len(keys) == 5 * 3  # buckets 1..16, three modes
-    assert graphs.capture(keys) == 15 and graphs.capture(keys) == 0
+    assert len(keys) == 5 * 3 * 2  # buckets 1..16, three modes, bad-words widths 0 and 1
+    assert graphs.capture(keys) == 30 and graphs.capture(keys) == 0
     slots, idx = make_slots(MODES['top_k_top_p'], n=16)
     gen = torch.Generator().manual_seed(5)
     batch = slots.batch(idx[:9], DEV)
     logits = random_logits(9, gen)
     assert torch.equal(graphs(logits, batch), Sampler()(logits, batch))  # captured ahead
-    assert graphs.captures == 15 and graphs.replays == 1
+    assert graphs.captures == 30 and graphs.replays == 1
     slots2, idx2 = make_slots([dict(top_k=40, top_p=1.0, temperature=1.0)], n=16)
     for S in (2, 5):  # two new keys (top_k alone): one more graph fits, then the limit
         batch = slots2.batch(idx2[:S], DEV)
         logits = random_logits(S, gen)
         assert torch.equal(graphs(logits, batch), Sampler()(logits, batch))
-    assert graphs.captures == 16 and graphs.fallbacks == 1
+    assert graphs.captures == 31 and graphs.fallbacks == 1
 
 
 def _cycles_per_ms() -> float:
@@ -194,14 +258,15 @@ def test_lazy_capture_does_not_wait_for_the_device():
 @pytest.mark.parametrize('vocab', [32000, 128256])
 def test_pool_within_reserve(vocab):
     """The common modes captured ahead of time (largest bucket first, as the runner does),
-    then every key of more modes met later, smallest bucket first: static inputs plus pool
-    stay within `reserve_bytes`."""
+    then every key of more modes and bad-words widths met later, smallest bucket first: static
+    inputs plus pool stay within `reserve_bytes`."""
     torch.cuda.synchronize()
-    graphs = SamplerGraphs(Sampler(), vocab, DEV, max_rows=64)
+    graphs = SamplerGraphs(Sampler(), vocab, DEV, max_rows=64, max_graphs=256)
     graphs.capture(graphs.keys(COMMON_MODES))
     ahead = graphs.pool_bytes()
     later = ((True, False, 40), (True, True, 2000), (True, False, 5), (True, True, 50))
-    for key in sorted(set(graphs.keys(later)) - set(graphs.graphs)):
+    more = graphs.keys(later, (0, MAX_BAD_WIDTH)) + graphs.keys(COMMON_MODES, (MAX_BAD_WIDTH,))
+    for key in sorted(set(more) - set(graphs.graphs)):
         assert graphs.capture([key]) == 1
     torch.cuda.synchronize()
     used = graphs.input_bytes + graphs.pool_bytes()
@@ -227,7 +292,8 @@ ENGINE_PARAMS = {
 
 def sample_rounds(tm, params):
     """Seeded sampled requests, one batch per round (the same schedule on every run),
-    ignore_eos; per-row parameter lists are picked by the round's rows."""
+    ignore_eos (EOS banned: bad words of width 1); per-row parameter lists are picked by the
+    round's rows."""
     results = []
     for rows, n in ROUNDS:
         kw = {k: [v[i] for i in rows] if isinstance(v, list) else v for k, v in params.items()}
@@ -278,6 +344,20 @@ def test_engine_tokens_with_and_without_sampler_graphs(tm_llama, params):
         set_sampler(tm_llama, graphs)
     assert graphs.replays == replays  # the eager run did not go through the graphs
     assert on == off
+
+
+def test_engine_timer_reports_sampler_replays(tm_llama):
+    from lmdeploy.turbomind.step_timer import StepTimer
+    engine = tm_llama.engine
+    engine.timer = timer = StepTimer()
+    try:
+        sample_rounds(tm_llama, ENGINE_PARAMS['top_p'])
+        report = engine.call(timer.report)
+    finally:
+        engine.timer = None
+    print({k: v for k, v in report.items() if k.startswith('sampler_')})
+    assert report['sampler_replays'] >= 24 + 12 + 16 - 3
+    assert report.get('sampler_fallbacks', 0) == 0
 
 
 def test_engine_without_cuda_graphs_samples_eagerly(workspace):

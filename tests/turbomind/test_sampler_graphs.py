@@ -1,13 +1,14 @@
 """SamplerGraphs on the CPU: every call falls back to the eager sampler (same tokens); the key
 function sends the cases graphs cannot serve to the eager sampler and normalises the branch
-flags; the packed batch `SamplingSlots` builds. The GPU side:
-tests/gpu/test_sampler_graphs_gpu.py."""
+flags and the bad-words width; the packed batch and the padded bad ids `SamplingSlots` builds.
+The GPU side: tests/gpu/test_sampler_graphs_gpu.py."""
 import numpy as np
 import pytest
 import torch
 
-from lmdeploy.turbomind.sampler_graphs import (COMMON_MODES, GraphKey, SamplerGraphs, graph_key,
-                                               mode_key, sampler_buckets)
+from lmdeploy.turbomind.sampler_graphs import (COMMON_MODES, MAX_BAD_WIDTH, GraphKey,
+                                               SamplerGraphs, bad_width, graph_key, mode_key,
+                                               sampler_buckets)
 from lmdeploy.turbomind.sampling import RequestRng, Sampler, SamplingBatch, SamplingParams
 from lmdeploy.turbomind.sampling_slots import SamplingSlots
 
@@ -64,14 +65,31 @@ def test_keys_pick_the_bucket_and_normalise_the_flags():
     assert mode_key(8, True, True, 0, V, 1024) == mode_key(8, False, True, 0, V, 1024)
 
 
+def test_keys_carry_the_bad_words_width():
+    rows = ['top_k_top_p'] * 3
+    assert [bad_width(w) for w in range(10)] == [0, 1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert key_of(rows) == GraphKey(4, True, True, 40, 0)
+    for words, width in (((5,), 1), ((5, 6), 2), ((5, 6, 7), 4), (tuple(range(8)), 8)):
+        assert key_of(rows, bad_words=words) == GraphKey(4, True, True, 40, width), words
+    # rows without bad words beside one with them: the widest row's width
+    assert key_of(['top_p', dict(MODES['top_p'], bad_words=(9, 8, 7))]) == GraphKey(
+        2, True, True, 0, 4)
+    # an unpadded batch (SamplingBatch.build: width 3) has the padded batch's key
+    built = SamplingBatch.build([SamplingParams(bad_words=(5, 6, 7))] * 3,
+                                [RequestRng(i) for i in range(3)])
+    assert built.bad_ids.shape == (3, 3)
+    assert graph_key(built, 3, V, BUCKETS, V, 1024) == GraphKey(4, True, True, 40, 4)
+
+
 @pytest.mark.parametrize('case', ['penalty', 'bad_words', 'all_greedy', 'too_many_rows',
                                   'no_rows', 'other_width'])
 def test_keys_send_what_graphs_cannot_serve_to_the_eager_sampler(case):
     rows = ['top_k_top_p'] * 3
     if case == 'penalty':
         assert key_of(rows, repetition_penalty=1.2) is None
-    elif case == 'bad_words':
-        assert key_of(rows, bad_words=(5,)) is None
+    elif case == 'bad_words':  # above the cap
+        assert key_of(rows, bad_words=tuple(range(MAX_BAD_WIDTH))) is not None
+        assert key_of(rows, bad_words=tuple(range(MAX_BAD_WIDTH + 1))) is None
     elif case == 'all_greedy':
         assert key_of(['greedy', dict(top_k=0, top_p=1.0, temperature=0.0)]) is None
     elif case == 'too_many_rows':
@@ -99,6 +117,34 @@ def test_packed_batch_follows_the_fields():
     assert built.packed() is None
 
 
+def test_slots_pad_bad_ids_to_a_power_of_two():
+    """The padded batch samples the tokens of the unpadded one (SamplingBatch.build), with the
+    banned ids made the likeliest so the bad words decide the tokens."""
+    rows = [dict(MODES['top_k_top_p'], bad_words=(3, 4, 5)), dict(MODES['top_p']),
+            dict(MODES['greedy'], bad_words=(7,)), dict(MODES['temperature'], bad_words=(3, 9))]
+    slots, idx, batch = slots_batch(rows)
+    assert batch.bad_ids.tolist() == [[3, 4, 5, -1], [-1] * 4, [7, -1, -1, -1], [3, 9, -1, -1]]
+    slots.add(SamplingParams(bad_words=tuple(range(5))), RequestRng(1))  # a wider row elsewhere
+    assert slots.batch(idx, 'cpu').bad_ids.shape == (4, 4)  # widths follow the rows sampled
+    params = [SamplingParams(random_seed=1000 + i, **r) for i, r in enumerate(rows)]
+    rngs = [RequestRng(1000 + i, i) for i in range(len(rows))]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        built = SamplingBatch.build(params, rngs)
+        assert built.bad_ids.shape == (4, 3)
+        logits = torch.randn(len(rows), V, generator=gen)
+        logits[:, [3, 4, 5, 7, 9]] += torch.tensor([30.0, 20, 20, 20, 20])
+        padded = slots.batch(idx, 'cpu')
+        tokens = Sampler()(logits, padded)
+        assert torch.equal(tokens, Sampler()(logits, built))
+        t = tokens.tolist()
+        assert t[1] in (3, 4, 5, 7, 9) and t[2] == 3 and t[0] not in (3, 4, 5)
+        assert t[3] not in (3, 9)
+        slots.advance(idx, padded)
+        for r in rngs:
+            r.advance()
+
+
 @pytest.mark.parametrize('out_dtype', [torch.int64, torch.int32])
 def test_cpu_wrapper_is_the_eager_sampler(out_dtype):
     graphs = SamplerGraphs(Sampler(), V, 'cpu', max_rows=64, out_dtype=out_dtype)
@@ -122,8 +168,30 @@ def test_cpu_wrapper_is_the_eager_sampler(out_dtype):
 
 def test_reserve_bytes():
     small = SamplerGraphs.reserve_bytes(64, 32000)
-    assert 64 * 32000 * 4 * 13 < small < 160 << 20  # inputs, 12 [64, V] fp32 buffers, slack
+    assert 64 * 32000 * 4 * 14 < small < 160 << 20  # inputs, 13 [64, V] fp32 buffers, slack
     assert SamplerGraphs.reserve_bytes(256, 32000) == small  # buckets stop at 64 rows
     assert SamplerGraphs.reserve_bytes(8, 32000) < small
     assert SamplerGraphs.reserve_bytes(64, 128256) > 2 * small
     assert SamplerGraphs.reserve_bytes(0, 32000) == 0
+
+
+def test_engine_timer_counts_the_sampler_graphs_calls():
+    """The step timer's report says whether the sampler graphs served the timed steps (on the
+    CPU every call falls back: only 'sampler_fallbacks'); the eager sampler adds neither."""
+    from lmdeploy.turbomind import TurboMind
+    from lmdeploy.turbomind.step_timer import StepTimer
+    with TurboMind(dummy='tiny', device='cpu', dtype='fp32', max_batch_size=4) as tm:
+        engine = tm.engine
+        reports = []
+        for sampler in (SamplerGraphs(Sampler(), tm.config.vocab_size, 'cpu'), Sampler()):
+            engine.call(lambda: setattr(engine, 'sampler', sampler))
+            engine.timer = timer = StepTimer()
+            for _ in tm.create_instance().stream_infer(1, [1, 5, 9], request_output_len=6,
+                                                       sequence_start=True,
+                                                       sequence_end=True, ignore_eos=True):
+                pass
+            reports.append(engine.call(timer.report))
+            engine.timer = None
+    graphs, eager = reports
+    assert graphs['sampler_fallbacks'] == 6 and 'sampler_replays' not in graphs
+    assert 'sampler_fallbacks' not in eager and 'sampler_replays' not in eager
