@@ -42,7 +42,8 @@ captures like the rest: comparisons, any, argmax, gather, where and an out-of-pl
 over [S, W], with no host sync and no shape that depends on the data.
 
 Eager instead (counted in `fallbacks`): not CUDA, S == 0, S above the largest bucket, logits of
-another width or device, all rows greedy (the argmax alone is cheap), a repetition penalty (its
+another width or device, all rows greedy without bad words (the argmax alone is cheap; with bad
+words, e.g. greedy with ``ignore_eos``, the `greedy` graphs serve them), a repetition penalty (its
 ids are the whole history, wider every step), more than `MAX_BAD_WIDTH` bad words in a row, or
 a new key once `max_graphs` exist.
 
@@ -98,8 +99,10 @@ MAX_ROWS = 64  # larger steps sample eagerly: their device time hides the launch
 MAX_BAD_WIDTH = 8  # bad-words widths above this sample eagerly (usually just EOS: 1)
 # fp32 [rows, V] buffers the pool may hold per row of the largest bucket: the full-sort top-p
 # path's peak (~9, int64 counted twice), one more for the bad words' scatter, plus the
-# allocator's rounding and the segments of smaller buckets captured before the largest.
-POOL_ROWS_OF_V = 13
+# allocator's rounding and the segments of smaller buckets captured before the largest. On the
+# H100 the 12 graphs of the common modes without bad words held 494 MiB at 64 rows x 128256
+# (~15.8 such buffers with the inputs; 114 MiB at V 32000): 16 leaves a little room.
+POOL_ROWS_OF_V = 16
 # The caching allocator's segment sizes: a request of 1-10 MiB takes a 20 MiB segment, one of
 # up to 1 MiB a 2 MiB one; at small buckets these dominate the per-row terms.
 POOL_SLACK_BYTES = 48 << 20
@@ -112,6 +115,7 @@ class GraphKey(NamedTuple):
     top_p: bool  # ... with its nucleus part (any_top_p)
     top_k: int  # the torch.topk width (max_top_k on forward's fast path), 0: a full sort
     bad: int = 0  # the bad ids' width (a power of two), 0: no bad words
+    greedy: bool = False  # every row greedy: forward's bad words and argmax only
 
 
 # (any_top_k, any_top_p, max_top_k) of the common requests: temperature only; top_p only;
@@ -146,19 +150,26 @@ def mode_key(rows: int, any_top_k: bool, any_top_p: bool, max_top_k: int, vocab_
     return GraphKey(rows, thresholds, bool(any_top_p), max_top_k if fast else 0, bad_width(bad))
 
 
+def greedy_key(rows: int, bad: int) -> GraphKey:
+    """The key of an all-greedy batch with bad words of width `bad`."""
+    return GraphKey(rows, False, False, 0, bad_width(bad), True)
+
+
 def graph_key(batch: SamplingBatch, rows: int, width: int, buckets: List[int], vocab_size: int,
               topk_fast_path: int) -> Optional[GraphKey]:
     """The graph that samples `rows` rows of `width` logits with `batch`; None: eager (no rows,
-    more rows than the largest bucket, another width, all rows greedy, a repetition penalty or
-    more than `MAX_BAD_WIDTH` bad words)."""
+    more rows than the largest bucket, another width, all rows greedy without bad words, a
+    repetition penalty or more than `MAX_BAD_WIDTH` bad words)."""
     if (rows == 0 or not buckets or rows > buckets[-1] or width != vocab_size
-            or batch.size != rows or batch.all_greedy or batch.any_penalty):
+            or batch.size != rows or batch.any_penalty):
         return None
     bad = batch.bad_ids
     bad = bad_width(bad.shape[1]) if bad is not None and bad.numel() else 0
-    if bad > MAX_BAD_WIDTH:
+    if bad > MAX_BAD_WIDTH or (batch.all_greedy and not bad):  # a lone argmax: cheap eager
         return None
     bucket = next(b for b in buckets if b >= rows)
+    if batch.all_greedy:  # e.g. greedy with ignore_eos (EOS banned): ~10 ops eagerly
+        return greedy_key(bucket, bad)
     return mode_key(bucket, batch.any_top_k, batch.any_top_p, batch.max_top_k, vocab_size,
                     topk_fast_path, bad)
 
@@ -251,6 +262,10 @@ class SamplerGraphs:
         return sorted({mode_key(b, *mode, self.vocab_size, fast, w)
                        for b in self.buckets for mode in modes for w in bad_widths})
 
+    def greedy_keys(self, bad_widths: Iterable[int] = (1,)) -> List[GraphKey]:
+        """The all-greedy keys with each of `bad_widths` (> 0) in every bucket."""
+        return sorted({greedy_key(b, w) for b in self.buckets for w in bad_widths if w > 0})
+
     def _eager(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         self.fallbacks += 1
         out = self.sampler(logits, batch)
@@ -302,7 +317,7 @@ class SamplerGraphs:
         bad = self.bad[:key.rows, :key.bad] if key.bad else None
         return SamplingBatch(temperature=f[0], top_p=f[1], repetition_penalty=f[2],
                              top_k=i[0], keys=i[1], counters=i[2], bad_ids=bad,
-                             all_greedy=False,
+                             all_greedy=key.greedy,
                              any_top_k=key.thresholds, any_top_p=key.top_p, any_penalty=False,
                              max_top_k=key.top_k)
 

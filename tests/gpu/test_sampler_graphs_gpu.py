@@ -29,6 +29,7 @@ MODES = {
     'top_k_top_p': [dict(top_k=40, top_p=0.8, temperature=0.8)],
     'top_k_sort': [dict(top_k=2000, top_p=0.95, temperature=1.2)],  # past the topk fast path
     # some rows greedy, some sampled with their own settings (row 0 samples: S = 1 too)
+    'greedy': [GREEDY, dict(top_k=0, top_p=1.0, temperature=0.0)],  # all rows: greedy graphs
     'mixed': [dict(top_k=40, top_p=0.8, temperature=0.8), GREEDY,
               dict(top_k=0, top_p=0.9, temperature=1.0), dict(top_k=0, top_p=1.0, temperature=0.0),
               dict(top_k=0, top_p=1.0, temperature=0.7), dict(top_k=5, top_p=1.0, temperature=1.5)],
@@ -51,7 +52,7 @@ def random_logits(S, gen, vocab=V):
     return (torch.randn(S, vocab, generator=gen) * 3).to(DEV)
 
 
-@pytest.mark.parametrize('mode', list(MODES))
+@pytest.mark.parametrize('mode', [m for m in MODES if m != 'greedy'])  # greedy: eager argmax
 def test_graph_tokens_equal_eager_over_steps(mode):
     graphs = SamplerGraphs(Sampler(), V, DEV, max_rows=64)
     eager = Sampler()
@@ -85,7 +86,7 @@ def banned_logits(S, gen):
     return logits
 
 
-@pytest.mark.parametrize('mode', ['top_k_top_p', 'temperature', 'mixed'])
+@pytest.mark.parametrize('mode', ['top_k_top_p', 'temperature', 'mixed', 'greedy'])
 def test_graph_tokens_equal_eager_with_bad_words(mode):
     """Widths 1 (EOS, as ignore_eos) and 3 (padded to 4) alternate on the same graphs: the
     narrower graph never reads the ids a wider call left in the static buffer."""
@@ -111,6 +112,7 @@ def test_graph_tokens_equal_eager_with_bad_words(mode):
                 calls += 1
     assert graphs.fallbacks == 0 and graphs.replays == calls
     assert {k.bad for k in graphs.graphs} == {1, 4}
+    assert {k.greedy for k in graphs.graphs} == {mode == 'greedy'}
 
 
 def test_unpadded_bad_ids_do_not_see_a_wider_calls_ids():
@@ -324,7 +326,7 @@ def test_engine_captures_the_common_modes_at_start(tm_llama):
     graphs = tm_llama.engine.sampler
     assert isinstance(graphs, SamplerGraphs) and graphs is tm_llama.engine.runner.sampler_graphs
     assert graphs.out_dtype == torch.int32 and graphs.buckets == [1, 2, 4, 8]
-    assert set(graphs.keys(COMMON_MODES)) <= set(graphs.graphs)
+    assert set(graphs.keys(COMMON_MODES) + graphs.greedy_keys()) <= set(graphs.graphs)
     memory = tm_llama.engine.runner.memory
     print({k: round(v / 2**20, 1) for k, v in memory.items() if 'sampler' in k})
     assert 0 < memory['sampler_graphs'] <= memory['sampler_graph_reserve']
