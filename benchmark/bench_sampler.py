@@ -32,6 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmark.profile_engine_host import cycles_per_ms  # noqa: E402
 from lmdeploy.turbomind.sampler_graphs import SamplerGraphs  # noqa: E402
 from lmdeploy.turbomind.sampling import RequestRng, Sampler, SamplingParams  # noqa: E402
 from lmdeploy.turbomind.sampling_slots import SamplingSlots  # noqa: E402
@@ -48,16 +49,6 @@ MODES = {  # per-row parameters, cycled over the rows
 ROWS = []
 HEADER = (f"{'vocab':>6} {'rows':>4} {'mode':<14} {'impl':<14} {'host_us':>9} {'device_us':>9} "
           f"{'queued':>6}")
-
-
-def cycles_per_ms() -> float:
-    torch.cuda._sleep(1000)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    torch.cuda.synchronize()
-    return 10_000_000 / start.elapsed_time(end)
 
 
 def make_batch(rows: int, mode: str):

@@ -80,7 +80,7 @@ class ReadyLogits:
         self.device_ms = device_ms
         self.cycles = 0
         if device_ms and self.device.type == 'cuda':
-            self.cycles = int(device_ms * _cycles_per_ms(self.device))
+            self.cycles = int(device_ms * cycles_per_ms(self.device))
         self.busy_until = 0.0
         self.ready_at = collections.deque()  # per launched step, in launch order (CPU only)
         self.idle_s = 0.0  # the simulated device's time without work since the first step
@@ -125,7 +125,9 @@ def simulated_device(stand_in: ReadyLogits):
         _Launched.wait = real
 
 
-def _cycles_per_ms(device) -> float:
+def cycles_per_ms(device=None) -> float:
+    """Clock cycles of `torch.cuda._sleep` per millisecond on `device` (a spin kernel of a
+    known length stands in for device work in the host benchmarks and tests)."""
     torch.cuda._sleep(1000)  # warm up
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmark.profile_engine_host import cycles_per_ms
 from lmdeploy.turbomind.sampler_graphs import COMMON_MODES, MAX_BAD_WIDTH, SamplerGraphs
 from lmdeploy.turbomind.sampling import RequestRng, Sampler, SamplingBatch, SamplingParams
 from lmdeploy.turbomind.sampling_slots import SamplingSlots
@@ -219,16 +220,6 @@ def test_ahead_of_time_capture_then_graph_limit():
     assert graphs.captures == 31 and graphs.fallbacks == 1
 
 
-def _cycles_per_ms() -> float:
-    torch.cuda._sleep(1000)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    torch.cuda._sleep(10_000_000)
-    end.record()
-    torch.cuda.synchronize()
-    return 10_000_000 / start.elapsed_time(end)
-
-
 def test_lazy_capture_does_not_wait_for_the_device():
     """A key met while the device is busy is captured and replayed without waiting for the
     work queued before it: no device synchronize inside the call. The new key (temperature
@@ -243,7 +234,7 @@ def test_lazy_capture_does_not_wait_for_the_device():
     slots, idx = make_slots(MODES['temperature'], n=4, seed=1)
     batch = slots.batch(idx, DEV)
     want = Sampler()(logits, batch)  # an eager run: the warm-up's blocks are cached
-    cycles = int(300 * _cycles_per_ms())
+    cycles = int(300 * cycles_per_ms())
     torch.cuda.synchronize()
     busy = torch.cuda.Event()
     t0 = time.perf_counter()
