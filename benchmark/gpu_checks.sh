@@ -19,6 +19,15 @@
 #           forward and its largest gaps; bench_kernels.py --only prefill, with the setup
 #           cost of a prompt length met for the first time (~90 s)
 #   c128    B2 128:2048:2048 fp16, the row never run (pool-bound: ~57 sessions fit) (~250 s)
+#   fresh   GPU tests of the dense (fresh prompt) path and of graphs == eager (~120 s)
+#   mixed   profile_step.py on mixed steps around the largest mixed graph and lone prompts of
+#           600 / 1000 tokens: graph or eager, device time against the kernel sum (~40 s)
+#   ttft    B1 TTFT of a 2048-token prompt, 3 rounds (~30 s)
+#
+# TREE=build/snap runs every phase from a snapshot of another branch (git archive BRANCH
+# lmdeploy benchmark tests | tar -x -C build/snap; carry it): the C++ extension built here is
+# copied into it, and phases run with it as the working directory (its results next to main's
+# from the same call).
 set -u -o pipefail
 OUT=$(realpath -m "${OUT:-./gpu_checks_out}")
 PHASES=${PHASES:-tests layout int8 b1 b2long}
@@ -31,6 +40,10 @@ GEN="python3 benchmark/profile_generation.py --dummy llama2-7b"  # a variable: t
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 ||
   { tail -20 "$OUT/install.log"; exit 1; }
 say installed
+if [ -n "${TREE:-}" ]; then
+  cp lmdeploy/turbomind/_turbomind*.so "$TREE/lmdeploy/turbomind/" && cd "$TREE" &&
+    export PYTHONPATH="$PWD" && say "phases run from $TREE" || exit 1
+fi
 if want tests 150; then
   timeout $(($(left) - 10)) python3 -m pytest -q tests/gpu/test_engine_gpu.py \
     tests/gpu/test_kv_int8_gpu.py >"$OUT/tests.log" 2>&1
@@ -85,5 +98,21 @@ if want c128 250; then
   timeout $(($(left) - 10)) $GEN --rows 128:2048:2048 --test_round 1 --engine_timing \
     --out "$OUT/b2_c128_2048.json" 2>&1 | grep -E "^\| [0-9]|engine_timing|compiled" | cut -c1-400
   say c128
+fi
+if want fresh 120; then
+  timeout $(($(left) - 10)) python3 -m pytest -q tests/gpu/test_engine_gpu.py \
+    tests/gpu/test_cuda_graph_gpu.py >"$OUT/fresh_tests.log" 2>&1
+  tail -3 "$OUT/fresh_tests.log"; say fresh
+fi
+if want mixed 40; then
+  timeout $(($(left) - 10)) python3 benchmark/profile_step.py \
+    --cases '4:300/220;4:300/512;4:300/700;/600;/1000' --session_len 4096 --iters 10 \
+    --out "$OUT/mixed_steps.json" 2>&1 | grep -E "^step|^runner"
+  say mixed
+fi
+if want ttft 30; then
+  timeout $(($(left) - 10)) $GEN --rows 1:2048:32 --test_round 3 --engine_timing \
+    --out "$OUT/ttft2048.json" 2>&1 | grep -E "^\| [0-9]" | cut -c1-250
+  say ttft
 fi
 say done
