@@ -35,7 +35,9 @@ BUDGET=${BUDGET:-560}
 PORT=${PORT:-23333}
 . "$(dirname "$0")/gpu_lib.sh"
 want() { [[ " $PHASES " == *" $1 "* ]] && { [ "$(left)" -gt "$2" ] || { say "$1 skipped: $(left)s left"; false; }; }; }
-GEN="python3 benchmark/profile_generation.py --dummy llama2-7b"  # a variable: timeout cannot run a function
+# variables, not functions: timeout cannot run a function
+GEN="python3 benchmark/profile_generation.py --dummy llama2-7b"
+STEP="python3 benchmark/profile_step.py --session_len 4096 --iters 10"
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 ||
   { tail -20 "$OUT/install.log"; exit 1; }
@@ -87,8 +89,7 @@ if want b4 150; then
   say b4
 fi
 if want prefill 90; then
-  timeout $(($(left) - 10)) python3 benchmark/profile_step.py --cases '/2048;/512' \
-    --session_len 4096 --iters 10 --out "$OUT/prefill_step.json" 2>&1 |
+  timeout $(($(left) - 10)) $STEP --cases '/2048;/512' --out "$OUT/prefill_step.json" 2>&1 |
     grep -E "^step|^runner|idle|  [0-9]+ us"
   timeout $(($(left) - 10)) python3 benchmark/bench_kernels.py --only prefill \
     --out "$OUT/prefill_kernels.json" 2>&1 | grep -E "prefill_attn|prompt_attn"
@@ -105,8 +106,7 @@ if want fresh 120; then
   tail -3 "$OUT/fresh_tests.log"; say fresh
 fi
 if want mixed 40; then
-  timeout $(($(left) - 10)) python3 benchmark/profile_step.py \
-    --cases '4:300/220;4:300/512;4:300/700;/600;/1000' --session_len 4096 --iters 10 \
+  timeout $(($(left) - 10)) $STEP --cases '4:300/220;4:300/512;4:300/700;/600;/1000' \
     --out "$OUT/mixed_steps.json" 2>&1 | grep -E "^step|^runner"
   say mixed
 fi
