@@ -9,19 +9,20 @@ PHASES = ('jit_wait', 'schedule', 'step_input', 'sample_prep', 'forward', 'sampl
 
 def test_engine_host_reports_phases_and_callers(tmp_path):
     out = tmp_path / 'host.json'
-    profile_engine_host.main(['--rows', '3,6', '--steps', '5', '--vocab', '64',
+    # 20 steps: the timed window starts inside a step, whose share of the mean shrinks with more
+    profile_engine_host.main(['--rows', '3,6', '--steps', '20', '--vocab', '64',
                               '--device_ms', '1', '--out', str(out)])
     reports = json.loads(out.read_text())
     assert [r['rows'] for r in reports] == [3, 6]
     for r in reports:
-        assert r['steps'] >= 5 and r['rows_per_step'] == r['rows']
+        assert r['steps'] >= 20 and r['rows_per_step'] == r['rows']
         assert all(r[f'{p}_us'] >= 0 for p in PHASES)
         assert r['step_us'] >= 900  # the 1 ms stand-in for the device
         assert r['async_schedule'] and r['steps_ahead'] >= r['steps']  # planned ahead
         assert sum(r[f'{p}_us'] for p in PHASES) <= r['step_us'] * 1.01
         assert r['decode_steps'] == r['steps']  # every timed step only decodes
         # one snapshot per step per caller; the counting window is not aligned with the
-        # timed steps, so over 5 steps a caller catching up may add one or two
+        # timed steps, so a caller catching up may add one or two
         assert 0 < r['client_wakeups_per_step'] <= 2 * r['rows']
 
 
