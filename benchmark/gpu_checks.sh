@@ -14,7 +14,8 @@
 #   b1      B1 128->2048 bs1 (~40 s)
 #   b2long  B2 64:2048:2048 fp16 and int8 under the scheduler's admission check (~200 s)
 #   b4      B4 rate 4 against api_server without and with --jit_schedule (~150 s; the serving
-#           wheels must be installed, see gpu_b3_b4.sh)
+#           wheels must be installed, see gpu_b3_b4.sh); B4_RUNS="off on uv" adds a JIT run
+#           with uvloop + httptools (build/wheels-uvloop, carried) installed
 #   prefill profile_step.py on a lone 2048- and 512-token prompt: device idle inside the eager
 #           forward and its largest gaps; bench_kernels.py --only prefill, with the setup
 #           cost of a prompt length met for the first time (~90 s)
@@ -74,8 +75,11 @@ if want b2long 200; then
   say b2long
 fi
 if want b4 150; then
-  for jit in off on; do
-    flag=$([ $jit = on ] && echo --jit_schedule)
+  for jit in ${B4_RUNS:-off on}; do
+    # "uv": --jit_schedule with uvloop + httptools installed (uvicorn's "auto" then takes them)
+    [ $jit = uv ] && { python3 -m pip install -q --no-index --find-links build/wheels-uvloop \
+      uvloop httptools || break; }
+    flag=$([ $jit != off ] && echo --jit_schedule)
     python3 -m lmdeploy.serve.openai.api_server --dummy llama2-7b --server_port "$PORT" \
       --log_level warning --engine_timing $flag >"$OUT/server_jit_$jit.log" 2>&1 &
     server=$!
@@ -85,6 +89,7 @@ if want b4 150; then
       --no_progress --out "$OUT/b4_jit_$jit.json" 2>&1 | tail -12
     kill -INT $server
     wait $server
+    grep -m3 -iE "falling back|error|traceback" "$OUT/server_jit_$jit.log"
   done
   say b4
 fi
