@@ -24,6 +24,8 @@
 #   mixed   profile_step.py on mixed steps around the largest mixed graph and lone prompts of
 #           600 / 1000 tokens: graph or eager, device time against the kernel sum (~40 s)
 #   ttft    B1 TTFT of a 2048-token prompt, 3 rounds (~30 s)
+#   b1jit   B1 128->2048 bs1 with --jit_schedule: its per-token p99 (~40 s)
+#   b3      B3 in-process, 3000 synthetic prompts at concurrency 256, B3_LIMIT s (90) (~140 s)
 #
 # TREE=build/snap runs every phase from a snapshot of another branch (git archive BRANCH
 # lmdeploy benchmark tests | tar -x -C build/snap; carry it): the C++ extension built here is
@@ -119,5 +121,17 @@ if want ttft 30; then
   timeout $(($(left) - 10)) $GEN --rows 1:2048:32 --test_round 3 --engine_timing \
     --out "$OUT/ttft2048.json" 2>&1 | grep -E "^\| [0-9]" | cut -c1-250
   say ttft
+fi
+if want b1jit 80; then
+  timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --jit_schedule \
+    --out "$OUT/b1_jit.json" 2>&1 | tail -3
+  say b1jit
+fi
+if want b3 $((${B3_LIMIT:-90} + 50)); then
+  timeout $(($(left) - 10)) python3 benchmark/profile_throughput.py synthetic --dummy llama2-7b \
+    --concurrency 256 --num_prompts 3000 --max_batch_size 256 --cache_max_entry_count 0.9 \
+    --no_progress --engine_timing --time_limit "${B3_LIMIT:-90}" --out "$OUT/b3.json" 2>&1 |
+    grep -E "Throughput|elapsed|time limit|steps" | cut -c1-300
+  say b3
 fi
 say done
