@@ -9,8 +9,21 @@ GEMM output instead of the pool: the model uses it for such steps when a faster 
 exists for the device (`prompt_attention_cuda`: torch's fused SDPA, cuDNN or flash on the
 H100, ~1.6x the Triton paged kernel's rate at 2048 tokens; benchmark/NOTES.md).
 """
+import os
+import warnings
+
 import torch
 import torch.nn.functional as F
+
+# cuDNN's SDPA builds an execution plan per sequence length unless told to take its ragged
+# path, which it does for inputs in BSHD layout (contiguous [T, heads, D] here: the model
+# passes such tensors): without this, each prompt length met for the first time costs 55-68 ms
+# on the H100 (inside that request's step), with it 0.2-0.4 ms after the first
+# (benchmark/NOTES.md, session 6). Set before torch's first SDPA call; "0" in the environment
+# keeps torch's default.
+os.environ.setdefault('TORCH_CUDNN_SDPA_AVOID_RECOMPILE', '1')
+warnings.filterwarnings('ignore', message='TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 is currently '
+                        'experimental')
 
 
 def prompt_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

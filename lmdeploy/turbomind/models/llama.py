@@ -83,6 +83,10 @@ class LlamaModel:
             k_cache, v_cache = kv.layer(i)
             qp = kv.qparams(i)  # int8 KV scales (None for float KV)
             if fresh_prompt:
+                # contiguous [T, heads, D] (not views of the qkv output): cuDNN's SDPA then
+                # takes its ragged path, one plan for every prompt length, instead of building
+                # a plan (55-68 ms on the H100) per length met (prompt_attention.py)
+                q, kk, v = q.contiguous(), kk.contiguous(), v.contiguous()
                 q, kk = k.rotary_embedding(q, kk, step.positions, self.rotary_dim, self.theta)
                 k.store_kv(kk, v, k_cache, v_cache, step.slot_mapping, qp)
                 o = k.prompt_attention(q, kk, v, self.scale)
