@@ -25,8 +25,9 @@ Engine keys that v0.0.2 did not have:
 * ``chunked_prefill``: split long prompts over steps within ``max_prefill_tokens`` (default on).
 * ``cuda_graph``: replay steps from CUDA graphs (cuda_graph.py): decode-only steps per
   batch-size bucket, lone prompts per token bucket up to 512, and mixed steps (prompts joining
-  decoding rows) per token bucket up to 512, and the sampler of steps up to 64 rows
-  (sampler_graphs.py) (default on; it only takes effect on CUDA, the CPU path never captures).
+  decoding rows, and lone prompts of 513..1024 tokens) per token bucket up to 1024, and the
+  sampler of steps up to 64 rows (sampler_graphs.py) (default on; it only takes effect on
+  CUDA, the CPU path never captures).
 * ``async_schedule``: plan and launch step n+1 while step n still runs on the device, so the
   host's commit / schedule / launch work hides behind the device (default on; see engine.py).
   The engine falls back to synchronous steps while a request wants logits (``decode()``) and

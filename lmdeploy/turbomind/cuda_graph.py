@@ -16,8 +16,8 @@ sliced (and cast to int32 where the kernels want it) inside the graph:
 * Varlen graphs (T tokens, R rows, S = R samples): any mix of decode rows, prompts and prompt
   chunks over cached prefixes with at most T tokens and R - 1 rows. One-row prompt graphs
   (R = 2, T = 16..512) serve a lone prompt; mixed graphs (R = min(T, max_batch_size) + 1,
-  T = 32..512) serve steps where prompts join decoding rows (larger steps are GPU-bound and run
-  eagerly). The real rows come first;
+  T = 32..1024) serve steps where prompts join decoding rows, and lone prompts of 513..1024
+  tokens (larger steps are GPU-bound and run eagerly). The real rows come first;
   the T - n padding tokens form one extra row (kv_len = its length, slot -1 so nothing is
   written, its table row points at block 0, which it only reads; it attends to nothing but
   itself); the rows after it are empty (q_len 0, kv_len 0: every attention program of theirs
@@ -69,10 +69,14 @@ def prompt_buckets(max_tokens: int) -> List[int]:
     return out
 
 
-# Mixed graphs up to this many tokens. A larger step is GPU-bound: its eager launches (~20 ms
-# of host time for a 7B model) hide behind its device time, while a graph would pad it to a
-# bucket (H100, Llama-2-7B, 148 rows / 556 tokens: eager 26.7 ms, graph at 640 tokens 29.4).
-MAX_MIXED_TOKENS = 512
+# Mixed graphs up to this many tokens. A larger step is GPU-bound: its eager launches (20-29 ms
+# of host time for a 7B model, ~45 us a kernel on the H100 machines of session 6) hide behind
+# its device time (a 1024-token prompt's GEMMs alone are ~22 ms), while a graph pads it to a
+# bucket. Below, a step with few decode rows is host-bound when eager: 4 decode rows and a
+# 512-token prompt ran 29.1 ms against an 11.5 ms kernel sum (benchmark/NOTES.md, session 6);
+# with many rows the device time grows (148 rows / 556 tokens: eager 26.7 ms, a graph padded
+# to 640 tokens 29.4, session 3: hence buckets 64 tokens apart).
+MAX_MIXED_TOKENS = 1024
 
 
 def mixed_buckets(max_tokens: int, limit: int = MAX_MIXED_TOKENS) -> List[int]:

@@ -52,7 +52,7 @@ def test_minichat_answers_on_gpu(tmp_path, dtype):
 
 @pytest.mark.parametrize('variant', ['gqa', 'head128'])
 def test_fresh_prompts_through_sdpa_equal_paged_attention(workspace, variant):
-    """A step of one fresh prompt over 512 tokens takes the dense path (rotary, store_kv,
+    """A step of one fresh prompt over MAX_MIXED_TOKENS (1024) tokens takes the dense path (rotary, store_kv,
     torch SDPA over the new tokens) on CUDA; greedy tokens equal the paged-attention path's
     and the CPU's, and the KV it stored serves the decode steps after it."""
     from lmdeploy.turbomind import TurboMind
@@ -65,7 +65,7 @@ def test_fresh_prompts_through_sdpa_equal_paged_attention(workspace, variant):
         dense = model.k.prompt_attention
         model.k.prompt_attention = lambda *a: calls.append(1) or dense(*a)
         g = torch.Generator().manual_seed(11)
-        prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (513, 700)]
+        prompts = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (1025, 1300)]
         try:
             got = [greedy(gpu, p) for p in prompts]
             assert len(calls) == len(prompts) * gpu.config.num_layer

@@ -82,7 +82,7 @@ def test_fits_and_shapes():
     assert not PackedLayout(8, mixed.num_tokens - 1, False, 8, BLOCK).fits(mixed)
     assert not PackedLayout(8, 8, True, 8, BLOCK).fits(mixed)  # not decode-only
     assert mixed_buckets(300) == [32, 64, 96, 128, 160, 192, 256, 320]
-    assert mixed_buckets(8192)[-1] == 512 and mixed_buckets(100, limit=80) == [32, 64]
+    assert mixed_buckets(8192)[-1] == 1024 and mixed_buckets(100, limit=80) == [32, 64]
     shapes = varlen_shapes([16, 32], [32, 64, 128], 63)
     assert all(r != t for r, t in shapes)  # T == B means decode-only to the kernels
     assert (65, 64) in shapes and (64, 128) in shapes and (2, 16) in shapes

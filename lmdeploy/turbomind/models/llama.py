@@ -8,7 +8,7 @@
                                                            rotary_dim) of q, k; store k, v at
                                                            slot_mapping (int8 KV: quantised)
         o     = paged_attention(q, pool[layer], ...)       [T, hq, D] (int8: dequantised inside)
-                (one fresh prompt over 512 tokens, on CUDA: rotary, store_kv, then
+                (one fresh prompt over 1024 tokens, on CUDA: rotary, store_kv, then
                  prompt_attention(q, k, v), torch's SDPA; kernels/prompt_attention.py)
         h'    = all_reduce(o @ wo) (+ b_o)                 b_o added once, after the reduce
         x, h  = rms_norm(h', ffn_norm, residual=h)
@@ -25,17 +25,19 @@ import torch
 import torch.nn.functional as F
 
 from ..config import EngineConfig
+from ..cuda_graph import MAX_MIXED_TOKENS
 from ..distributed import SingleRank
 from ..kv_cache import KVCache
 from ..step_input import StepInput
 from ..weights import ModelWeights
 
 
-# Fresh prompts at least this long take the dense attention path: longer than any prompt CUDA
-# graph (cuda_graph.prompt_buckets, up to 512 tokens), so such a prompt runs the same kernels
-# with graphs on and off; below it the Triton paged kernel is fast enough (at 2048 tokens
-# cuDNN SDPA takes 89 us per layer against its 139 on the H100).
-DENSE_PROMPT_MIN_TOKENS = 513
+# Fresh prompts at least this long take the dense attention path: longer than any CUDA graph
+# (lone prompts replay the prompt graphs up to 512 tokens, then the mixed graphs up to
+# MAX_MIXED_TOKENS), so such a prompt runs the same kernels with graphs on and off; below it
+# the Triton paged kernel is fast enough (at 2048 tokens cuDNN SDPA takes 89 us per layer
+# against its 139 on the H100, at 1024 the difference is ~0.5 ms a prompt).
+DENSE_PROMPT_MIN_TOKENS = MAX_MIXED_TOKENS + 1
 
 
 class LlamaModel:
