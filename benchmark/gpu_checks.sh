@@ -33,6 +33,7 @@
 # from the same call).
 set -u -o pipefail
 OUT=$(realpath -m "${OUT:-./gpu_checks_out}")
+ROOT=$PWD  # the checkout (phases may run from TREE)
 PHASES=${PHASES:-tests layout int8 b1 b2long}
 BUDGET=${BUDGET:-560}
 PORT=${PORT:-23333}
@@ -79,7 +80,7 @@ fi
 if want b4 150; then
   for jit in ${B4_RUNS:-off on}; do
     # "uv": --jit_schedule with uvloop + httptools installed (uvicorn's "auto" then takes them)
-    [ $jit = uv ] && { python3 -m pip install -q --no-index --find-links build/wheels-uvloop \
+    [ $jit = uv ] && { python3 -m pip install -q --no-index --find-links "$ROOT/build/wheels-uvloop" \
       uvloop httptools || break; }
     flag=$([ $jit != off ] && echo --jit_schedule)
     python3 -m lmdeploy.serve.openai.api_server --dummy llama2-7b --server_port "$PORT" \
