@@ -45,6 +45,9 @@ MODES = {  # per-row parameters, cycled over the rows
     'top_k40+top_p': [dict(top_k=40, top_p=0.8, temperature=0.8)],
     'mixed': [dict(top_k=40, top_p=0.8, temperature=0.8), GREEDY,
               dict(top_k=0, top_p=0.9, temperature=1.0), dict(top_k=0, top_p=1.0, temperature=1.0)],
+    # ignore_eos bans the EOS id: B1/B2 (greedy) and B4 (temperature 1) sample so
+    'greedy+bad': [dict(GREEDY, bad_words=(2,))],
+    'temperature+bad': [dict(top_k=0, top_p=1.0, temperature=1.0, bad_words=(2,))],
 }
 ROWS = []
 HEADER = (f"{'vocab':>6} {'rows':>4} {'mode':<14} {'impl':<14} {'host_us':>9} {'device_us':>9} "
@@ -104,7 +107,7 @@ def fmt_row(r) -> str:
             f"{r['host_us']:9.1f} {device:>9} {str(r['queued']):>6}")
 
 
-def bench_sampler(vocab: int, row_counts, calls: int, cycles: float):
+def bench_sampler(vocab: int, row_counts, calls: int, cycles: float, modes=tuple(MODES)):
     gen = torch.Generator(device='cuda').manual_seed(vocab)
     logits = torch.randn(max(row_counts), vocab, device='cuda', generator=gen) * 3
     eager = Sampler()
@@ -112,7 +115,7 @@ def bench_sampler(vocab: int, row_counts, calls: int, cycles: float):
                            out_dtype=torch.int32)
     for rows in row_counts:
         x = logits[:rows]
-        for mode in MODES:
+        for mode in modes:
             slots, idx, batch = make_batch(rows, mode)
 
             def advance():
@@ -152,7 +155,12 @@ def main():
     ap.add_argument('--rows', default='1,4,32,64,256')
     ap.add_argument('--vocab', default='32000,128256')
     ap.add_argument('--calls', type=int, default=50, help='timed calls per host_us figure')
+    ap.add_argument('--modes', default=','.join(MODES),
+                    help='sampling modes to time, comma-separated (default: all: %(default)s)')
     a = ap.parse_args()
+    unknown = set(a.modes.split(',')) - set(MODES)
+    if unknown:
+        ap.error(f"unknown --modes {', '.join(sorted(unknown))} (known: {', '.join(MODES)})")
     if not torch.cuda.is_available():
         sys.exit('bench_sampler.py needs a CUDA GPU (it times kernel launches and CUDA graphs)')
     t0 = time.time()
@@ -163,7 +171,7 @@ def main():
     cycles = cycles_per_ms()
     captures = {}
     for vocab in (int(v) for v in a.vocab.split(',')):
-        graphs = bench_sampler(vocab, row_counts, a.calls, cycles)
+        graphs = bench_sampler(vocab, row_counts, a.calls, cycles, a.modes.split(','))
         captures[vocab] = dict(graphs=graphs.captures, pool_bytes=graphs.pool_bytes(),
                                input_bytes=graphs.input_bytes,
                                reserve_bytes=SamplerGraphs.reserve_bytes(max(row_counts), vocab))

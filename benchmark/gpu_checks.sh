@@ -25,6 +25,9 @@
 #           600 / 1000 tokens: graph or eager, device time against the kernel sum (~40 s)
 #   ttft    B1 TTFT of a 2048-token prompt, 3 rounds (~30 s)
 #   b1jit   B1 128->2048 bs1 with --jit_schedule: its per-token p99 (~40 s)
+#   bs64    B2 1/128 and 128/128 at bs64, GEN_FLAGS added (e.g. --jit_schedule) (~60 s)
+#   sampler GPU tests of the sampler kernel and graphs (SKIP_TESTS=1: not); bench_sampler.py on
+#           B1/B4's modes (~60 s)
 #   b3      B3 in-process, 3000 synthetic prompts at concurrency 256, B3_LIMIT s (90) (~140 s)
 #
 # TREE=build/snap runs every phase from a snapshot of another branch (git archive BRANCH
@@ -127,6 +130,20 @@ if want b1jit 80; then
   timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --jit_schedule \
     --out "$OUT/b1_jit.json" 2>&1 | tail -3
   say b1jit
+fi
+if want bs64 60; then
+  timeout $(($(left) - 10)) $GEN --rows 64:1:128,64:128:128 --test_round 2 ${GEN_FLAGS:-} \
+    --out "$OUT/bs64.json" 2>&1 | grep -E "^\| [0-9]" | cut -c1-250
+  say bs64
+fi
+if want sampler 60; then
+  [ -n "${SKIP_TESTS:-}" ] || { timeout $(($(left) - 10)) python3 -m pytest -q \
+    tests/gpu/test_sampler_graphs_gpu.py tests/gpu/test_kernels_gpu.py -k "sample or graph" \
+    >"$OUT/sampler_tests.log" 2>&1; tail -2 "$OUT/sampler_tests.log"; }
+  timeout $(($(left) - 10)) python3 benchmark/bench_sampler.py --rows 1,4,64,256 \
+    --vocab 32000 --modes greedy+bad,temperature+bad,top_k40+top_p \
+    --out "$OUT/bench_sampler.json" 2>&1 | tail -14
+  say sampler
 fi
 if want b3 $((${B3_LIMIT:-90} + 50)); then
   timeout $(($(left) - 10)) python3 benchmark/profile_throughput.py synthetic --dummy llama2-7b \

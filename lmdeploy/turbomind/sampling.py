@@ -76,6 +76,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
+from .kernels.sample import ban_tokens
+
 __all__ = ['SamplingParams', 'RequestRng', 'SamplingBatch', 'Sampler', 'fresh_seed',
            'seed_process_rng', 'stream_key', 'random_uniform', 'uniform_reference']
 
@@ -407,10 +409,16 @@ class Sampler:
 
     `topk_fast_path`: when every sampled row has 0 < top_k <= this, the thresholds come from
     ``torch.topk`` over ``max_top_k`` columns instead of a full sort of the vocabulary (same
-    result: only the sorted *values* are used)."""
+    result: only the sorted *values* are used).
 
-    def __init__(self, topk_fast_path: int = 1024):
+    The last step (bad words, the argmax or the draw) is the `sample_tokens` kernel of
+    `kernels` (default: `kernels.select` for the logits' device: one Triton launch on CUDA, the
+    torch reference elsewhere); the penalty and the top-k/top-p thresholds stay torch ops."""
+
+    def __init__(self, topk_fast_path: int = 1024, kernels=None):
         self.topk_fast_path = topk_fast_path
+        self._kernels = kernels
+        self._by_device = {}
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         return self.forward(logits, batch)
@@ -426,31 +434,44 @@ class Sampler:
             r.counter += 1
         return out
 
-    def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """fp32 ``[S, V]``: `logits` after the repetition penalty and the bad words (steps 1-2;
-        what greedy rows take the argmax of). `logits` itself is not modified."""
-        dev = logits.device
+    def kernels_for(self, device: torch.device):
+        if self._kernels is not None:
+            return self._kernels
+        key = str(device)
+        if key not in self._by_device:
+            from .kernels import select
+            self._by_device[key] = select(device)
+        return self._by_device[key]
+
+    @staticmethod
+    def _penalised(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """fp32 ``[S, V]``: `logits` after the repetition penalty (step 1; `logits` itself
+        when it is fp32 and no row has a penalty)."""
         x = logits.to(torch.float32)
-
-        def on(t):
-            return t.to(dev, non_blocking=True)
-
-        # 1. repetition penalty over the tokens already in the sequence
         if batch.any_penalty and batch.seen_ids is not None and batch.seen_ids.numel():
-            ids = on(batch.seen_ids)
+            dev = logits.device
+            ids = batch.seen_ids.to(dev, non_blocking=True)
             valid = torch.ones_like(ids, dtype=torch.bool)
             if batch.seen_lens is not None:
                 cols = torch.arange(ids.shape[1], device=dev)
-                valid = cols[None, :] < on(batch.seen_lens).to(torch.int64)[:, None]
-            rp = on(batch.repetition_penalty).to(torch.float32)[:, None]
-            x = _rowwise_update(x, ids, valid,
-                                lambda v: torch.where(v > 0, v / rp, v * rp))
-        # 2. bad words
-        if batch.bad_ids is not None and batch.bad_ids.numel():
-            ids = on(batch.bad_ids)
-            x = _rowwise_update(x, ids, torch.ones_like(ids, dtype=torch.bool),
-                                lambda v: torch.full_like(v, -math.inf))
+                lens = batch.seen_lens.to(dev, non_blocking=True).to(torch.int64)
+                valid = cols[None, :] < lens[:, None]
+            rp = batch.repetition_penalty.to(dev, non_blocking=True).to(torch.float32)[:, None]
+            x = _rowwise_update(x, ids, valid, lambda v: torch.where(v > 0, v / rp, v * rp))
         return x
+
+    @staticmethod
+    def _bad_ids(batch: SamplingBatch, device) -> Optional[torch.Tensor]:
+        if batch.bad_ids is None or not batch.bad_ids.numel():
+            return None
+        return batch.bad_ids.to(device, non_blocking=True)
+
+    def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """fp32 ``[S, V]``: `logits` after the repetition penalty and the bad words (steps 1-2;
+        what greedy rows take the argmax of). `logits` itself is not modified."""
+        x = self._penalised(logits, batch)
+        bad = self._bad_ids(batch, logits.device)
+        return x if bad is None else ban_tokens(x, bad)
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """int64 token ids ``[S]`` on the logits' device. `logits` ``[S, V]`` is not modified."""
@@ -462,11 +483,12 @@ class Sampler:
         dev = logits.device
         if S == 0:
             return torch.empty(0, dtype=torch.int64, device=dev)
-        x = self.process_logits(logits, batch)
-        # 3. greedy rows
-        best = x.argmax(dim=1)
+        sample_tokens = self.kernels_for(dev).sample_tokens
+        x = self._penalised(logits, batch)
+        bad = self._bad_ids(batch, dev)
+        # 2-3. bad words, greedy rows
         if batch.all_greedy:
-            return best
+            return sample_tokens(x, bad)
 
         def on(t):
             return t.to(dev, non_blocking=True)
@@ -474,38 +496,36 @@ class Sampler:
         top_k = on(batch.top_k).to(torch.int64)
         temp = on(batch.temperature).to(torch.float32)
         greedy = (top_k == 1) | (temp == 0)
+        u = random_uniform(on(batch.keys), on(batch.counters))
+        if not (batch.any_top_k or batch.any_top_p):
+            # 2-6 in one kernel: bad words, greedy rows, temperature, the draw
+            return sample_tokens(x, bad, temp, greedy, u)
+        if bad is not None:
+            x = ban_tokens(x, bad)
         # 4. temperature (greedy rows divide by 1: their draw is discarded)
         temp = torch.where(greedy, torch.ones_like(temp), temp.clamp(min=1e-6))
         x = x / temp[:, None]
-        # 5. top-k / top-p as value thresholds
-        if batch.any_top_k or batch.any_top_p:
-            k_fast = batch.max_top_k
-            if 0 < k_fast <= self.topk_fast_path and k_fast < V:
-                vals = torch.topk(x, k_fast, dim=1, largest=True, sorted=True).values
-            else:
-                vals = torch.sort(x, dim=1, descending=True).values
-            C = vals.shape[1]
-            k_eff = torch.where(top_k > 0, top_k.clamp(max=C), torch.full_like(top_k, C))
-            ranks = torch.arange(C, device=dev)
-            vals = vals.masked_fill(ranks[None, :] >= k_eff[:, None], -math.inf)
-            n = k_eff
-            if batch.any_top_p:
-                top_p = on(batch.top_p).to(torch.float32)
-                p = torch.softmax(vals, dim=1)
-                cum = torch.cumsum(p, dim=1)
-                # ranks whose exclusive prefix mass is < top_p: rank 0, plus one per cum < top_p
-                n_p = (cum < top_p[:, None]).sum(dim=1) + 1
-                n = torch.minimum(n, n_p)
-            n = n.clamp(min=1)
-            thr = torch.gather(vals, 1, (n - 1)[:, None])
-            x = x.masked_fill(x < thr, -math.inf)
+        # 5. top-k / top-p as value thresholds (a greedy row keeps its maximum, so its argmax
+        # below is the one of its untempered logits)
+        k_fast = batch.max_top_k
+        if 0 < k_fast <= self.topk_fast_path and k_fast < V:
+            vals = torch.topk(x, k_fast, dim=1, largest=True, sorted=True).values
+        else:
+            vals = torch.sort(x, dim=1, descending=True).values
+        C = vals.shape[1]
+        k_eff = torch.where(top_k > 0, top_k.clamp(max=C), torch.full_like(top_k, C))
+        ranks = torch.arange(C, device=dev)
+        vals = vals.masked_fill(ranks[None, :] >= k_eff[:, None], -math.inf)
+        n = k_eff
+        if batch.any_top_p:
+            top_p = on(batch.top_p).to(torch.float32)
+            p = torch.softmax(vals, dim=1)
+            cum = torch.cumsum(p, dim=1)
+            # ranks whose exclusive prefix mass is < top_p: rank 0, plus one per cum < top_p
+            n_p = (cum < top_p[:, None]).sum(dim=1) + 1
+            n = torch.minimum(n, n_p)
+        n = n.clamp(min=1)
+        thr = torch.gather(vals, 1, (n - 1)[:, None])
+        x = x.masked_fill(x < thr, -math.inf)
         # 6. inverse CDF in vocabulary order with the row's own uniform
-        probs = torch.softmax(x, dim=1)
-        cdf = torch.cumsum(probs, dim=1)
-        u = random_uniform(on(batch.keys), on(batch.counters))
-        target = (u * cdf[:, -1]).unsqueeze(1).contiguous()
-        # first index with cdf >= target: target > 0 and cdf is flat over zero-probability
-        # tokens, so this is always a surviving token (and <= the last one, as u < 1).
-        tok = torch.searchsorted(cdf.contiguous(), target, right=False).squeeze(1)
-        tok = tok.clamp(max=V - 1)
-        return torch.where(greedy, best, tok)
+        return sample_tokens(x, None, None, greedy, u)

@@ -395,3 +395,44 @@ def test_prompt_attention_cuda(T, hq, hkv, dtype):
     ref = prompt_attention_ref(q, k, v, D ** -0.5)
     assert out.shape == ref.shape and out.dtype == dtype
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize('V', [32000, 128256])
+@pytest.mark.parametrize('S', [1, 4, 64])
+def test_sample_tokens(V, S):
+    """The sampler's last step. Argmax (with and without bad words): the reference's ids. Draws
+    (temperatures, greedy rows, bad words): a valid inverse-CDF answer for each row against an
+    fp64 CDF (fp32 sums in another order may move a draw near a boundary to the next id), and
+    mostly the reference's id on peaked logits (like a model's); flat ones check the CDF only."""
+    from lmdeploy.turbomind.kernels.sample import ban_tokens, sample_tokens_ref
+    from lmdeploy.turbomind.kernels.triton_sample import sample_tokens_triton
+    g = gen(V + S)
+    for spread in (8.0, 1.0):
+        x = torch.randn(S, V, device=DEV, generator=g) * spread
+        bad = torch.randint(-1, V, (S, 8), device=DEV, generator=g)
+        bad[:, 0] = x.argmax(dim=1)
+        for args in ((x,), (x, bad)):
+            assert torch.equal(sample_tokens_triton(*args), sample_tokens_ref(*args))
+        temp = 0.2 + 1.5 * torch.rand(S, device=DEV, generator=g)
+        temp[::3] = 0.0
+        greedy = temp == 0
+        u = torch.rand(S, device=DEV, generator=g).clamp(1e-4, 1 - 1e-4)
+        for b, t, gr in ((bad, temp, greedy), (None, None, None)):
+            got = sample_tokens_triton(x, b, t, gr, u)
+            want = sample_tokens_ref(x, b, t, gr, u)
+            xb = x.double() if b is None else ban_tokens(x, b).double()
+            if t is not None:
+                xb = xb / torch.where(gr, torch.ones_like(t), t).double()[:, None]
+            cdf = torch.softmax(xb, dim=1).cumsum(dim=1)
+            target = u.double() * cdf[:, -1]
+            rows = torch.arange(S, device=DEV)
+            before = torch.where(got > 0, cdf[rows, (got - 1).clamp(min=0)],
+                                 torch.zeros_like(target))
+            drawn = ~gr if gr is not None else torch.ones_like(u, dtype=torch.bool)
+            ok = (cdf[rows, got] >= target - 1e-5) & (before <= target + 1e-5)
+            assert bool(ok[drawn].all()), f'rows {rows[drawn & ~ok].tolist()} off their CDF'
+            assert torch.equal(got[~drawn], xb.argmax(dim=1)[~drawn])
+            if spread > 1:  # peaked rows: ids far apart in probability mass
+                assert float((got == want).float().mean()) >= 0.9
+            if b is not None:
+                assert not (got[:, None] == b).any()

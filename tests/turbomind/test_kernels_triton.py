@@ -127,6 +127,14 @@ _case('rotary_store_kv-norotary', op='rotary_store_kv', T=4, hq=2, hkv=1, D=16, 
 _case('rotary_store_kv-d128-page16', op='rotary_store_kv', T=3, hq=4, hkv=1, D=128,
       rotary_dim=128, theta=1e4, page=16, dtype='bfloat16', quant='static')
 
+# the sampler's last step: the same token ids as the reference (V 3000 and 4500: two and three
+# chunks of 2048, the last one ragged); modes: argmax, argmax with bad words, draws with and
+# without temperature / greedy rows
+for V in (50, 3000, 4500):
+    for mode in ('argmax', 'banned', 'draw', 'draw-plain'):
+        _case(f'sample-V{V}-{mode}', op='sample', S=7, V=V, mode=mode, dtype='float32')
+_case('sample-fp16-logits', op='sample', S=5, V=300, mode='draw', dtype='float16')
+
 
 # ----------------------------------------------------------------------------- the checks
 def _rel_err(out, ref):
@@ -210,12 +218,12 @@ def run_case(name):
     import torch
 
     from lmdeploy.turbomind.kernels import (activation, paged_attention, rms_norm, rotary,
-                                            rotary_store_kv, store_kv)
+                                            rotary_store_kv, sample, store_kv)
     from lmdeploy.turbomind.step_input import RowPlan, build_step_input
 
     class K:  # every op's reference and Triton kernel
         pass
-    for mod in (activation, paged_attention, rms_norm, rotary, rotary_store_kv, store_kv):
+    for mod in (activation, paged_attention, rms_norm, rotary, rotary_store_kv, sample, store_kv):
         for attr in dir(mod):
             if attr.endswith(('_ref', '_triton')):
                 setattr(K, attr, getattr(mod, attr))
@@ -287,6 +295,24 @@ def run_case(name):
         err = 0.0 if ok else 1.0
     elif op == 'rotary_store_kv':
         ok, err = _check_rotary_store_kv(K, p, rnd, g)
+    elif op == 'sample':
+        S, V, mode = p['S'], p['V'], p['mode']
+        x = rnd(S, V, scale=2.0)
+        x[0, 5] = x[0, V - 1] = x[0].max() + 1  # a tie: the first index wins
+        bad = torch.randint(-1, V, (S, 3), generator=g)
+        bad[1, 0] = int(x[1].argmax())  # a banned argmax
+        bad[2, 1] = V + 7  # out of range: ignored
+        temp = 0.3 + 1.5 * torch.rand(S, generator=g)
+        temp[3] = 0.0
+        greedy = temp == 0
+        u = torch.rand(S, generator=g).clamp(1e-3, 1 - 1e-3)
+        args = {'argmax': (x,), 'banned': (x, bad), 'draw': (x, bad, temp, greedy, u),
+                'draw-plain': (x, None, None, None, u)}[mode]
+        got, want = K.sample_tokens_triton(*args), K.sample_tokens_ref(*args)
+        ok = got.dtype == torch.int64 and torch.equal(got, want)
+        if mode in ('banned', 'draw'):
+            ok = ok and int(got[1]) != int(bad[1, 0])
+        err = 0.0 if ok else float((got != want).sum())
     elif op == 'attn':
         D, hq, hkv, page = p['D'], p['hq'], p['hkv'], p['page']
         rows = p['rows']

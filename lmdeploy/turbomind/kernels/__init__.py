@@ -15,6 +15,8 @@ CUDA library kernel does the job (torch's fused SDPA for `prompt_attention`). ``
                     max_q_len=0, max_kv_len=0, kv_qparams=None) -> out
     silu_and_mul(x) -> out
     prompt_attention(q, k, v, scale) -> out    (one fresh prompt, causal over its own tokens)
+    sample_tokens(logits, bad_ids=None, temperature=None, greedy=None, uniform=None) -> ids
+                                                (the sampler's last step: argmax or one draw)
 
 Choice: the Triton version on CUDA when it exists and triton imports, else the CUDA one on
 CUDA; the reference otherwise.
@@ -37,6 +39,7 @@ OPS: Dict[str, str] = {  # op name -> module
     'paged_attention': 'paged_attention',
     'silu_and_mul': 'activation',
     'prompt_attention': 'prompt_attention',
+    'sample_tokens': 'sample',
 }
 
 from .activation import silu_and_mul_ref  # noqa: E402
@@ -45,6 +48,7 @@ from .prompt_attention import prompt_attention_ref  # noqa: E402
 from .rms_norm import rms_norm_ref  # noqa: E402
 from .rotary import rotary_embedding_ref  # noqa: E402
 from .rotary_store_kv import rotary_store_kv_ref  # noqa: E402
+from .sample import sample_tokens_ref  # noqa: E402
 from .store_kv import store_kv_ref  # noqa: E402
 
 
@@ -112,4 +116,4 @@ def compiled_variants() -> int:
 
 __all__ = ['OPS', 'Kernels', 'select', 'compiled_variants', 'rms_norm_ref',
            'rotary_embedding_ref', 'store_kv_ref', 'rotary_store_kv_ref', 'paged_attention_ref',
-           'silu_and_mul_ref', 'prompt_attention_ref']
+           'silu_and_mul_ref', 'prompt_attention_ref', 'sample_tokens_ref']
