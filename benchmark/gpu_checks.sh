@@ -13,7 +13,7 @@
 #   int8    bench_kernels.py --only int8 --sweep (fast_i8 among the candidates) (~90 s)
 #   b1      B1 128->2048 bs1 (~40 s)
 #   b2long  B2 64:2048:2048 fp16 and int8 under the scheduler's admission check (~200 s)
-#   b4      B4 rate 4 against api_server without and with --jit_schedule (~150 s; the serving
+#   b4      B4 rate 4 against api_server with --no-jit_schedule and without (~150 s; the serving
 #           wheels must be installed, see gpu_b3_b4.sh); B4_RUNS="off on uv" adds a JIT run
 #           with uvloop + httptools (build/wheels-uvloop, carried) installed
 #   prefill profile_step.py on a lone 2048- and 512-token prompt: device idle inside the eager
@@ -24,10 +24,11 @@
 #   mixed   profile_step.py on mixed steps around the largest mixed graph and lone prompts of
 #           600 / 1000 tokens: graph or eager, device time against the kernel sum (~40 s)
 #   ttft    B1 TTFT of a 2048-token prompt, 3 rounds (~30 s)
-#   b1jit   B1 128->2048 bs1 with --jit_schedule: its per-token p99 (~40 s)
-#   bs64    B2 1/128 and 128/128 at bs64, GEN_FLAGS added (e.g. --jit_schedule) (~60 s)
+#   b1jit   B1 128->2048 bs1 with --no-jit_schedule (B1 itself runs with the default, JIT) (~40 s)
+#   bs64    B2 1/128 and 128/128 at bs64, GEN_FLAGS added (e.g. --no-jit_schedule) (~60 s)
 #   sampler GPU tests of the sampler kernel and graphs (SKIP_TESTS=1: not); bench_sampler.py on
 #           B1/B4's modes (~60 s)
+#   rows14  profile_step.py on decode-only steps of 1 and 4 rows (B1's and B4's) (~40 s)
 #   b3      B3 in-process, 3000 synthetic prompts at concurrency 256, B3_LIMIT s (90) (~140 s)
 #
 # TREE=build/snap runs every phase from a snapshot of another branch (git archive BRANCH
@@ -82,10 +83,10 @@ if want b2long 200; then
 fi
 if want b4 150; then
   for jit in ${B4_RUNS:-off on}; do
-    # "uv": --jit_schedule with uvloop + httptools installed (uvicorn's "auto" then takes them)
+    # "uv": JIT (the default) with uvloop + httptools installed (uvicorn's "auto" takes them)
     [ $jit = uv ] && { python3 -m pip install -q --no-index --find-links "$ROOT/build/wheels-uvloop" \
       uvloop httptools || break; }
-    flag=$([ $jit != off ] && echo --jit_schedule)
+    flag=$([ $jit = off ] && echo --no-jit_schedule)
     python3 -m lmdeploy.serve.openai.api_server --dummy llama2-7b --server_port "$PORT" \
       --log_level warning --engine_timing $flag >"$OUT/server_jit_$jit.log" 2>&1 &
     server=$!
@@ -127,7 +128,7 @@ if want ttft 30; then
   say ttft
 fi
 if want b1jit 80; then
-  timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --jit_schedule \
+  timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --no-jit_schedule \
     --out "$OUT/b1_jit.json" 2>&1 | tail -3
   say b1jit
 fi
@@ -144,6 +145,11 @@ if want sampler 60; then
     --vocab 32000 --modes greedy+bad,temperature+bad,top_k40+top_p \
     --out "$OUT/bench_sampler.json" 2>&1 | tail -14
   say sampler
+fi
+if want rows14 40; then
+  timeout $(($(left) - 10)) $STEP --cases '1:300/;4:300/;1:1100/;4:1100/' --max_batch_size 32 \
+    --out "$OUT/decode_rows.json" 2>&1 | grep -E "^step|^runner"
+  say rows14
 fi
 if want b3 $((${B3_LIMIT:-90} + 50)); then
   timeout $(($(left) - 10)) python3 benchmark/profile_throughput.py synthetic --dummy llama2-7b \

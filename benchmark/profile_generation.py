@@ -359,9 +359,10 @@ def main(argv=None):
                    help='tokens per KV block (default: 64)')
     p.add_argument('--no_cuda_graph', action='store_true',
                    help='run every step eagerly (no CUDA graphs), e.g. to compare')
-    p.add_argument('--jit_schedule', action='store_true',
+    p.add_argument('--jit_schedule', action=argparse.BooleanOptionalAction, default=None,
                    help='plan each step just before the one on the device ends (the engine '
-                        "config's jit_schedule; experimental, off by default)")
+                        "config's jit_schedule, on by default; --no-jit_schedule: as soon as "
+                        'it is launched)')
     p.add_argument('--quant_policy', type=int, default=None, choices=(0, 4),
                    help='4: int8 KV cache (default: the config, 0 for --dummy)')
     p.add_argument('--kv_int8_scales', default=None, choices=('per_tensor', 'per_head', 'online'),
@@ -392,8 +393,8 @@ def main(argv=None):
                      session_len=args.session_len or need_len)
     if args.no_cuda_graph:
         overrides['cuda_graph'] = False
-    if args.jit_schedule:
-        overrides['jit_schedule'] = True
+    if args.jit_schedule is not None:
+        overrides['jit_schedule'] = args.jit_schedule
     overrides.update(quant_policy=args.quant_policy, kv_int8_scales=args.kv_int8_scales)
     if args.cache_max_entry_count is None:
         overrides['cache_max_entry_count'] = 0.6 if args.compare else 0.9

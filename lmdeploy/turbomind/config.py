@@ -34,7 +34,7 @@ Engine keys that v0.0.2 did not have:
   always with tensor parallelism.
 * ``jit_schedule``: with async_schedule, plan step n+1 only shortly before step n ends (admitting
   arrivals meanwhile) instead of as soon as n is launched, so a prompt that arrives during n
-  joins n+1 (lower TTFT at light load). Experimental, default off (engine.py says why).
+  joins n+1 (lower TTFT at light load; default on, 0 plans n+1 as soon as n is launched).
 * ``admit_horizon``: tokens of growth reserved per request when the scheduler admits one
   (default 32): a waiting request joins the batch only when the pool holds its whole context
   plus that growth for it and for every running request, so a full pool makes requests wait
@@ -101,7 +101,7 @@ class EngineConfig:
     chunked_prefill: bool = True  # False: a prompt is prefilled in one step, whatever its length
     cuda_graph: bool = True  # decode steps from CUDA graphs (CUDA only)
     async_schedule: bool = True  # plan step n+1 while step n runs (engine.py)
-    jit_schedule: bool = False  # plan n+1 just before n ends (engine.py); experimental
+    jit_schedule: bool = True  # plan n+1 just before n ends (engine.py)
     admit_horizon: int = 32  # growth (tokens) reserved per request at admission; < 0: greedy
     kv_int8_scales: str = 'per_tensor'  # quant_policy 4: per_tensor | per_head | online
     # --- where it came from ---

@@ -37,16 +37,15 @@ plan-to-launched times of steps of n's kind (`_Pacer`). No wait when step n's st
 has no measurement yet, when the wait would be under `_Pacer.MIN_WAIT`, while requests wait for
 admission, after a failed step, or in synchronous steps. A step that ended before its successor
 was launched (a miss: the device idled) grows the margin until the misses stop, and its
-successor's successor is planned at once. The `jit_schedule` config key turns this on; it is
-OFF by default: on the H100 it cut B4's TTFT p50 only from 22.7 to 21.4 ms while B1's
-per-token p99 went from 6.1 to 10.8 ms and B4's ITL p99 from 10.2 to 18.5 (benchmark/NOTES.md,
-session 3). Suspected then: a thread that times out of the wait gets the GIL back only after
-the holder's 5 ms switch interval; so each wait lowers the interval to 0.5 ms
-(`JIT_SWITCH_INTERVAL`) and restores it when it ends, and TurboMind freezes its start-up heap
-out of the garbage collector (a full collection stops every thread for 50-100 ms). On the H100
-(session 5) JIT took B4's TTFT p50 from 22.7-24.4 to 18.5-20.5 ms, but with the interval left
-at 0.5 ms for good the host forward per step went from 279 to 683 us and one of two runs had a
-TTFT p99 of 503 ms: still off, the restore not yet measured.
+successor's successor is planned at once. The `jit_schedule` config key (on by default)
+turns this on. A thread that times out of the wait gets the GIL back only after the holder's
+switch interval (5 ms by default), so each wait lowers the interval to 0.5 ms
+(`JIT_SWITCH_INTERVAL`) and restores it when it ends (left low, every other thread would cut
+into the step's launch and sampling), and TurboMind freezes its start-up heap out of the
+garbage collector (a full collection stops every thread for 50-100 ms). On the H100 (session
+7, benchmark/NOTES.md) JIT took B4's TTFT p50 from 23.0 to 18.5 ms with the p99s unchanged,
+B1's first token of a 128-token prompt from 7.8 to 6.9 ms, and left B1's and bs64's tokens per
+second as they were (per-token p99 within 1.16 x p50).
 
 Callers on any thread reach the loop only through `submit` and `call` (both queue a command
 the loop runs between steps) and through the `Request` objects they hand in, which the loop
@@ -286,7 +285,7 @@ class Engine:
         self._num_sync_only = 0  # live requests whose steps must not be planned ahead
         self.steps_ahead = 0  # steps planned while the previous one was on the device
         # Plan a step ahead only shortly before the device needs it (module docstring).
-        self.jit_schedule = bool(getattr(cfg, 'jit_schedule', False))  # off by default: doc
+        self.jit_schedule = bool(getattr(cfg, 'jit_schedule', True))
         self.jit_waits = 0  # waits to plan just in time
         self.jit_misses = 0  # ... after which the device had finished before the launch
         self._pacer = _Pacer()

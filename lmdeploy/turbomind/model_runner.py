@@ -253,7 +253,7 @@ class ModelRunner:
         cfg = self.cfg
         graphs = SamplerGraphs(Sampler(), cfg.vocab_size, self.device, cfg.max_batch_size,
                                out_dtype=torch.int32)
-        graphs.capture(graphs.keys(COMMON_MODES) + graphs.greedy_keys())
+        graphs.capture(graphs.keys(COMMON_MODES))
         torch.cuda.synchronize(self.device)
         self.memory['sampler_graphs'] = graphs.input_bytes + graphs.pool_bytes()
         logger.info('captured %d sampler graphs (row buckets %s), %.1f MiB', graphs.captures,

@@ -1,9 +1,9 @@
 """CUDA graphs of the sampler for small batches: a step's sampling costs a handful of host ops.
 
-`Sampler.forward` is ~50 small torch ops (temperature, the top-k/top-p thresholds, softmax,
-cumsum, the counter-based RNG's int64 hash, searchsorted), each launched from Python: 1.4-1.9 ms
-of host time per step on the H100 (Llama-2-7B serving, ~4 rows a step), against ~0.55 ms for
-the whole forward's graph replay. `SamplerGraphs` replays the same ops from a CUDA graph: a call
+`Sampler.forward` is up to ~40 small torch ops (the counter-based RNG's int64 hash, the
+top-k/top-p thresholds) and the `sample_tokens` kernel, each launched from Python: before that
+kernel took over the draw, 1.4-1.9 ms of host time per step on the H100 (Llama-2-7B serving,
+~4 rows a step), against ~0.55 ms for the whole forward's graph replay. `SamplerGraphs` replays the same ops from a CUDA graph: a call
 is three copies into static inputs (four with bad words), one replay and one copy out.
 
     graphs = SamplerGraphs(Sampler(), vocab_size, device, max_rows=cfg.max_batch_size)
@@ -36,14 +36,13 @@ The tokens are the eager sampler's: the graph runs the same kernels on the same 
 kernel's per-row arithmetic depends on the number of rows (softmax's block size and cumsum's
 scan depend on the row length only; argmax, topk, sort, gather and searchsorted are exact),
 except that cumsum takes another path for a one-row tensor, so S = 1 has a bucket of its own.
-The -1 columns of padded bad ids change nothing: `_rowwise_update` redirects invalid ids to
-the row's first valid one, rewriting the same -inf (a no-op in a row without any). That branch
-captures like the rest: comparisons, any, argmax, gather, where and an out-of-place scatter
-over [S, W], with no host sync and no shape that depends on the data.
+The -1 columns of padded bad ids change nothing: `sample_tokens` (and `ban_tokens` before the
+thresholds) ignore ids out of range. Both capture like the rest, with no host sync and no
+shape that depends on the data.
 
 Eager instead (counted in `fallbacks`): not CUDA, S == 0, S above the largest bucket, logits of
-another width or device, all rows greedy without bad words (the argmax alone is cheap; with bad
-words, e.g. greedy with ``ignore_eos``, the `greedy` graphs serve them), a repetition penalty (its
+another width or device, all rows greedy (one `sample_tokens` launch, bad words included, e.g.
+greedy with ``ignore_eos``: a graph's input copies cost more), a repetition penalty (its
 ids are the whole history, wider every step), more than `MAX_BAD_WIDTH` bad words in a row, or
 a new key once `max_graphs` exist.
 
@@ -115,7 +114,6 @@ class GraphKey(NamedTuple):
     top_p: bool  # ... with its nucleus part (any_top_p)
     top_k: int  # the torch.topk width (max_top_k on forward's fast path), 0: a full sort
     bad: int = 0  # the bad ids' width (a power of two), 0: no bad words
-    greedy: bool = False  # every row greedy: forward's bad words and argmax only
 
 
 # (any_top_k, any_top_p, max_top_k) of the common requests: temperature only; top_p only;
@@ -150,26 +148,19 @@ def mode_key(rows: int, any_top_k: bool, any_top_p: bool, max_top_k: int, vocab_
     return GraphKey(rows, thresholds, bool(any_top_p), max_top_k if fast else 0, bad_width(bad))
 
 
-def greedy_key(rows: int, bad: int) -> GraphKey:
-    """The key of an all-greedy batch with bad words of width `bad`."""
-    return GraphKey(rows, False, False, 0, bad_width(bad), True)
-
-
 def graph_key(batch: SamplingBatch, rows: int, width: int, buckets: List[int], vocab_size: int,
               topk_fast_path: int) -> Optional[GraphKey]:
     """The graph that samples `rows` rows of `width` logits with `batch`; None: eager (no rows,
-    more rows than the largest bucket, another width, all rows greedy without bad words, a
-    repetition penalty or more than `MAX_BAD_WIDTH` bad words)."""
+    more rows than the largest bucket, another width, all rows greedy, a repetition penalty or
+    more than `MAX_BAD_WIDTH` bad words)."""
     if (rows == 0 or not buckets or rows > buckets[-1] or width != vocab_size
             or batch.size != rows or batch.any_penalty):
         return None
     bad = batch.bad_ids
     bad = bad_width(bad.shape[1]) if bad is not None and bad.numel() else 0
-    if bad > MAX_BAD_WIDTH or (batch.all_greedy and not bad):  # a lone argmax: cheap eager
+    if bad > MAX_BAD_WIDTH or batch.all_greedy:  # one sample_tokens launch, bad words included
         return None
     bucket = next(b for b in buckets if b >= rows)
-    if batch.all_greedy:  # e.g. greedy with ignore_eos (EOS banned): ~10 ops eagerly
-        return greedy_key(bucket, bad)
     return mode_key(bucket, batch.any_top_k, batch.any_top_p, batch.max_top_k, vocab_size,
                     topk_fast_path, bad)
 
@@ -262,10 +253,6 @@ class SamplerGraphs:
         return sorted({mode_key(b, *mode, self.vocab_size, fast, w)
                        for b in self.buckets for mode in modes for w in bad_widths})
 
-    def greedy_keys(self, bad_widths: Iterable[int] = (1,)) -> List[GraphKey]:
-        """The all-greedy keys with each of `bad_widths` (> 0) in every bucket."""
-        return sorted({greedy_key(b, w) for b in self.buckets for w in bad_widths if w > 0})
-
     def _eager(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         self.fallbacks += 1
         out = self.sampler(logits, batch)
@@ -317,7 +304,6 @@ class SamplerGraphs:
         bad = self.bad[:key.rows, :key.bad] if key.bad else None
         return SamplingBatch(temperature=f[0], top_p=f[1], repetition_penalty=f[2],
                              top_k=i[0], keys=i[1], counters=i[2], bad_ids=bad,
-                             all_greedy=key.greedy,
                              any_top_k=key.thresholds, any_top_p=key.top_p, any_penalty=False,
                              max_top_k=key.top_k)
 

@@ -87,7 +87,7 @@ def banned_logits(S, gen):
     return logits
 
 
-@pytest.mark.parametrize('mode', ['top_k_top_p', 'temperature', 'mixed', 'greedy'])
+@pytest.mark.parametrize('mode', ['top_k_top_p', 'temperature', 'mixed'])
 def test_graph_tokens_equal_eager_with_bad_words(mode):
     """Widths 1 (EOS, as ignore_eos) and 3 (padded to 4) alternate on the same graphs: the
     narrower graph never reads the ids a wider call left in the static buffer."""
@@ -113,7 +113,21 @@ def test_graph_tokens_equal_eager_with_bad_words(mode):
                 calls += 1
     assert graphs.fallbacks == 0 and graphs.replays == calls
     assert {k.bad for k in graphs.graphs} == {1, 4}
-    assert {k.greedy for k in graphs.graphs} == {mode == 'greedy'}
+
+
+def test_all_greedy_batches_sample_eagerly():
+    """Greedy rows, with bad words (ignore_eos) or not, are one sample_tokens launch: no
+    graph; the tokens are the argmax of the logits without the banned ids."""
+    graphs = SamplerGraphs(Sampler(), V, DEV, max_rows=64)
+    gen = torch.Generator().manual_seed(9)
+    for bad_words in ((), BANNED[:1], BANNED):
+        slots, idx = make_slots(MODES['greedy'], bad_words=bad_words)
+        batch = slots.batch(idx[:4], DEV)
+        logits = banned_logits(4, gen)
+        want = logits.clone()
+        want[:, list(bad_words)] = float('-inf')
+        assert torch.equal(graphs(logits, batch), want.argmax(dim=1))
+    assert graphs.fallbacks == 3 and graphs.replays == 0 and not graphs.graphs
 
 
 def test_unpadded_bad_ids_do_not_see_a_wider_calls_ids():
@@ -317,7 +331,7 @@ def test_engine_captures_the_common_modes_at_start(tm_llama):
     graphs = tm_llama.engine.sampler
     assert isinstance(graphs, SamplerGraphs) and graphs is tm_llama.engine.runner.sampler_graphs
     assert graphs.out_dtype == torch.int32 and graphs.buckets == [1, 2, 4, 8]
-    assert set(graphs.keys(COMMON_MODES) + graphs.greedy_keys()) <= set(graphs.graphs)
+    assert set(graphs.keys(COMMON_MODES)) <= set(graphs.graphs)
     memory = tm_llama.engine.runner.memory
     print({k: round(v / 2**20, 1) for k, v in memory.items() if 'sampler' in k})
     assert 0 < memory['sampler_graphs'] <= memory['sampler_graph_reserve']

@@ -470,14 +470,14 @@ def test_close_while_waiting_to_plan_hands_over_and_fails_the_rest():
 
 
 def test_scheduling_keys_reach_the_engine(workspace):
-    tm = TurboMind(workspace('gqa'), jit_schedule=True, admit_horizon=-1, **BASE)
+    tm = TurboMind(workspace('gqa'), jit_schedule=False, admit_horizon=-1, **BASE)
     try:
-        assert tm.engine.jit_schedule and tm.engine.async_schedule
+        assert not tm.engine.jit_schedule and tm.engine.async_schedule
         assert tm.config.admit_horizon == -1
     finally:
         tm.close()
     tm = TurboMind(workspace('gqa'), **BASE)
     try:
-        assert not tm.engine.jit_schedule and tm.config.admit_horizon == 32
+        assert tm.engine.jit_schedule and tm.config.admit_horizon == 32
     finally:
         tm.close()

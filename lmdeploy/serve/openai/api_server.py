@@ -66,10 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument('--dtype', default=None, choices=('fp16', 'bf16', 'fp32'),
                    help='compute dtype (default: fp16 on GPU, fp32 on CPU)')
     g.add_argument('--device', default=None, help="'cpu', 'cuda' or 'cuda:N'")
-    g.add_argument('--jit_schedule', action='store_true', default=None,
+    g.add_argument('--jit_schedule', action=argparse.BooleanOptionalAction, default=None,
                    help='plan each step just before the previous one ends, so that a prompt '
-                        'arriving meanwhile joins the next step (experimental; lower TTFT at '
-                        'light load)')
+                        'arriving meanwhile joins the next step (lower TTFT at light load; '
+                        'on by default: --no-jit_schedule plans each step as soon as the '
+                        'previous one is launched)')
     p.add_argument('--engine_timing', action='store_true',
                    help="time the engine loop's steps by phase (host time, decode-only vs mixed "
                         'steps) and where first tokens spend their time (ttft_server_in: '
