@@ -191,7 +191,8 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
                       dict(min_partition=128, waves=8), dict(min_partition=128, num_stages=2),
                       # a graph's hint is session_len: only more waves shorten the partition
                       dict(min_partition=64, waves=16), dict(min_partition=64, waves=16,
-                                                              num_stages=2)]
+                                                              num_stages=2),
+                      dict(waves=32), dict(waves=64), dict(min_partition=64, waves=32)]
         results = []
         for c in cands:
             f = lambda c=c: tpa.paged_attention_triton(*args, kv_qparams=qp,  # noqa: E731
@@ -412,6 +413,11 @@ def main():
                          'decode: the decode attention at the engine steps profile_step.py '
                          'looks at, launched with the graphs\' session_len hint; prefill: a '
                          '2048-token prompt against torch SDPA\'s flash and cuDNN backends')
+    ap.add_argument('--decode_cases', default=None, metavar='B:CTX[:HINT],...',
+                    help="with --only decode: these decode shapes instead of the default set "
+                         "(B rows over CTX tokens, launched with max_kv_len HINT as a graph "
+                         "would, e.g. 4:600:4096 for B4's steps under api_server's "
+                         "session_len)")
     a = ap.parse_args()
     t0 = time.time()
     props = torch.cuda.get_device_properties(0)
@@ -429,6 +435,11 @@ def main():
                       sweep=a.sweep)
         bench_prefill([(0, 2048)], 32, 8, name='1x2048 new, GQA8', with_sdpa=True)
         bench_prompt_first_calls()
+        return finish(info, t0, a.out)
+    if a.only == 'decode' and a.decode_cases:
+        for case in a.decode_cases.split(','):
+            B, ctx, *hint = (int(x) for x in case.split(':'))
+            bench_decode(B, ctx, 32, 32, sweep=a.sweep, hint=hint[0] if hint else 0)
         return finish(info, t0, a.out)
     if a.only == 'decode':
         for B, ctx in ((64, 64), (64, 128), (1, 1100), (1, 2048), (146, 500), (64, 4096)):

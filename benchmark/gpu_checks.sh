@@ -28,6 +28,8 @@
 #   bs64    B2 1/128 and 128/128 at bs64, GEN_FLAGS added (e.g. --no-jit_schedule) (~60 s)
 #   sampler GPU tests of the sampler kernel and graphs (SKIP_TESTS=1: not); bench_sampler.py on
 #           B1/B4's modes (~60 s)
+#   decode4 bench_kernels.py decode sweep at B4's (4 rows), B1's and bs64's steps as their graphs
+#           launch them (hint = session_len) (~90 s)
 #   rows14  profile_step.py on decode-only steps of 1 and 4 rows (B1's and B4's) (~40 s)
 #   b3      B3 in-process, 3000 synthetic prompts at concurrency 256, B3_LIMIT s (90) (~140 s)
 #
@@ -145,6 +147,13 @@ if want sampler 60; then
     --vocab 32000 --modes greedy+bad,temperature+bad,top_k40+top_p \
     --out "$OUT/bench_sampler.json" 2>&1 | tail -14
   say sampler
+fi
+if want decode4 90; then
+  timeout $(($(left) - 10)) python3 benchmark/bench_kernels.py --only decode --sweep \
+    --decode_cases 4:300:4096,4:600:4096,4:1100:4096,1:300:4096,64:128:2048 \
+    --out "$OUT/decode4.json" >"$OUT/decode4.log" 2>&1
+  grep -E "^decode_attn" "$OUT/decode4.log" | cut -c1-200
+  say decode4
 fi
 if want rows14 40; then
   timeout $(($(left) - 10)) $STEP --cases '1:300/;4:300/;1:1100/;4:1100/' --max_batch_size 32 \

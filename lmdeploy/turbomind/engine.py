@@ -35,7 +35,10 @@ straight on to it); device(n) the shortest of the recent device durations of ste
 consecutive token arrivals while the pipeline stays full; host the longest of the recent
 plan-to-launched times of steps of n's kind (`_Pacer`). No wait when step n's start or kind
 has no measurement yet, when the wait would be under `_Pacer.MIN_WAIT`, while requests wait for
-admission, after a failed step, or in synchronous steps. A step that ended before its successor
+admission, after a failed step, in synchronous steps, or when no request was submitted in the
+last `JIT_ACTIVE_S` (1 s): the wait only pays when prompts arrive, while a wait that ends late
+(a miss) stalls every running row, so a batch that only decodes (B1, a static batch) plans at
+once. A step that ended before its successor
 was launched (a miss: the device idled) grows the margin until the misses stop, and its
 successor's successor is planned at once. The `jit_schedule` config key (on by default)
 turns this on. A thread that times out of the wait gets the GIL back only after the holder's
@@ -68,6 +71,7 @@ import atexit
 import concurrent.futures
 import itertools
 import logging
+import math
 import queue
 import sys
 import threading
@@ -263,6 +267,7 @@ def _bucket(n: int) -> int:
 class Engine:
     """The step loop. `runner` is rank 0's ModelRunner; the scheduler is sized from it."""
     JIT_SWITCH_INTERVAL = 0.5e-3  # sys.setswitchinterval during a just-in-time wait (None: keep)
+    JIT_ACTIVE_S = 1.0  # wait to plan just in time only this long after the last submit
 
     def __init__(self, runner: ModelRunner):
         cfg = runner.cfg
@@ -288,6 +293,7 @@ class Engine:
         self.jit_schedule = bool(getattr(cfg, 'jit_schedule', True))
         self.jit_waits = 0  # waits to plan just in time
         self.jit_misses = 0  # ... after which the device had finished before the launch
+        self._last_submit = -math.inf  # when a caller last submitted a request (any thread)
         self._pacer = _Pacer()
         self._failed = False  # a step failed since the last plan: plan the next one at once
         self._closing = False  # close() came while waiting to plan
@@ -308,7 +314,7 @@ class Engine:
 
     def submit(self, request: Request, **core_args) -> None:
         """Queue `request`; `core_args` go to the scheduler's submit (input_ids, flags, ...)."""
-        request.submitted = time.perf_counter()
+        request.submitted = self._last_submit = time.perf_counter()
         command = lambda: self._submit(request, core_args)  # noqa: E731
         command.request = request  # failed by the loop's shutdown if it never runs
         self._post(command)
@@ -512,9 +518,10 @@ class Engine:
     def _wait_to_plan(self, running: _Launched) -> bool:
         """Run queued commands (admit arrivals) until it is time to plan the step after
         `running`, the step on the device (module docstring); False once close() was called."""
-        if not self.jit_schedule or self._failed or self.scheduler.num_waiting():
-            return True
         now = time.perf_counter()
+        if (not self.jit_schedule or self._failed or self.scheduler.num_waiting()
+                or now - self._last_submit > self.JIT_ACTIVE_S):
+            return True
         delay = self._pacer.delay(running, now)
         if delay is None:
             return True

@@ -452,6 +452,27 @@ def test_just_in_time_arrivals_equal_synchronous(pair, config, monkeypatch):
     on_engine(fast, lambda s: s.check_invariants())
 
 
+def test_jit_stops_waiting_once_nothing_was_submitted_for_a_while(monkeypatch):
+    """A batch that only decodes (nothing submitted for JIT_ACTIVE_S) plans each step at once:
+    the wait admits nobody and a late wake would stall every row; a new submit restarts it."""
+    from benchmark.profile_engine_host import simulated_device
+    monkeypatch.setattr(engine_mod.Engine, 'JIT_ACTIVE_S', 0.15)
+    engine, steps = _stand_in('jit')
+    try:
+        with simulated_device(engine.runner):
+            long = _submit(engine, 1, 400, engine_mod.Wakeup())  # 400 x 20 ms steps
+            _wait_for(lambda: engine.jit_waits >= 3)
+            time.sleep(0.25)  # past the window: no more waits
+            waits, n = engine.jit_waits, len(steps)
+            _wait_for(lambda: len(steps) >= n + 8)
+            assert engine.jit_waits == waits
+            _submit(engine, 2, 4, engine_mod.Wakeup())  # an arrival: waits again
+            _wait_for(lambda: engine.jit_waits > waits)
+            assert not long.finished
+    finally:
+        engine.close()
+
+
 def test_close_while_waiting_to_plan_hands_over_and_fails_the_rest():
     from benchmark.profile_engine_host import simulated_device
     engine, steps = _stand_in('jit')
