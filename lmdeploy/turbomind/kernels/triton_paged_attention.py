@@ -388,13 +388,23 @@ INT8_DECODE_CFG = {STATIC: dict(num_stages=6, fast_i8=True), ONLINE: dict()}
 
 
 def decode_splits(batch: int, hkv: int, max_kv: int, device, cfg=None):
-    """(num_splits, partition length) for a decode launch, from host-known values only."""
+    """(num_splits, partition length) for a decode launch, from host-known values only.
+
+    Fewer (row, KV head) pairs than SMs: partitions of `min_partition` tokens. A graph launches
+    with max_kv = session_len, so `waves` programs per SM would still leave long partitions
+    holding a short context on a few SMs: B4's steps (4 rows, hint 4096) at ctx 300 / 600 /
+    1100 take 9.9 / 15.8 / 32.9 us per layer instead of 12.8 / 21.6 / 31.7 (H100,
+    benchmark/NOTES.md session 7). More pairs: `waves` programs per SM, as before (a bs64
+    step loses ~9 us per layer to a second partition and the combine)."""
     cfg = cfg or DECODE_CFG
     block_n = cfg['BLOCK_N']
     programs = max(1, batch * hkv)
-    target = cfg['waves'] * _num_sms(device)
+    sms = _num_sms(device)
     max_splits = max(1, triton.cdiv(max_kv, cfg['min_partition']))
-    splits = max(1, min(triton.cdiv(target, programs), max_splits))
+    if programs < sms:
+        splits = max_splits
+    else:
+        splits = max(1, min(triton.cdiv(cfg['waves'] * sms, programs), max_splits))
     partition = triton.cdiv(triton.cdiv(max(max_kv, 1), splits), block_n) * block_n
     splits = max(1, triton.cdiv(max(max_kv, 1), partition))
     return splits, partition
