@@ -496,10 +496,10 @@ class Sampler:
         top_k = on(batch.top_k).to(torch.int64)
         temp = on(batch.temperature).to(torch.float32)
         greedy = (top_k == 1) | (temp == 0)
-        u = random_uniform(on(batch.keys), on(batch.counters))
+        keys, counters = on(batch.keys), on(batch.counters)
         if not (batch.any_top_k or batch.any_top_p):
             # 2-6 in one kernel: bad words, greedy rows, temperature, the draw
-            return sample_tokens(x, bad, temp, greedy, u)
+            return sample_tokens(x, bad, temp, greedy, keys, counters)
         if bad is not None:
             x = ban_tokens(x, bad)
         # 4. temperature (greedy rows divide by 1: their draw is discarded)
@@ -528,4 +528,4 @@ class Sampler:
         thr = torch.gather(vals, 1, (n - 1)[:, None])
         x = x.masked_fill(x < thr, -math.inf)
         # 6. inverse CDF in vocabulary order with the row's own uniform
-        return sample_tokens(x, None, None, greedy, u)
+        return sample_tokens(x, None, None, greedy, keys, counters)

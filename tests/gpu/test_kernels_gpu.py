@@ -406,6 +406,7 @@ def test_sample_tokens(V, S):
     mostly the reference's id on peaked logits (like a model's); flat ones check the CDF only."""
     from lmdeploy.turbomind.kernels.sample import ban_tokens, sample_tokens_ref
     from lmdeploy.turbomind.kernels.triton_sample import sample_tokens_triton
+    from lmdeploy.turbomind.sampling import random_uniform
     g = gen(V + S)
     for spread in (8.0, 1.0):
         x = torch.randn(S, V, device=DEV, generator=g) * spread
@@ -416,10 +417,12 @@ def test_sample_tokens(V, S):
         temp = 0.2 + 1.5 * torch.rand(S, device=DEV, generator=g)
         temp[::3] = 0.0
         greedy = temp == 0
-        u = torch.rand(S, device=DEV, generator=g).clamp(1e-4, 1 - 1e-4)
+        keys = torch.randint(-2 ** 63, 2 ** 63 - 1, (S,), device=DEV, generator=g)
+        counters = torch.randint(0, 2 ** 40, (S,), device=DEV, generator=g)
+        u = random_uniform(keys, counters)
         for b, t, gr in ((bad, temp, greedy), (None, None, None)):
-            got = sample_tokens_triton(x, b, t, gr, u)
-            want = sample_tokens_ref(x, b, t, gr, u)
+            got = sample_tokens_triton(x, b, t, gr, keys, counters)
+            want = sample_tokens_ref(x, b, t, gr, keys, counters)
             xb = x.double() if b is None else ban_tokens(x, b).double()
             if t is not None:
                 xb = xb / torch.where(gr, torch.ones_like(t), t).double()[:, None]

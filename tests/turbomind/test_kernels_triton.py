@@ -305,9 +305,11 @@ def run_case(name):
         temp = 0.3 + 1.5 * torch.rand(S, generator=g)
         temp[3] = 0.0
         greedy = temp == 0
-        u = torch.rand(S, generator=g).clamp(1e-3, 1 - 1e-3)
-        args = {'argmax': (x,), 'banned': (x, bad), 'draw': (x, bad, temp, greedy, u),
-                'draw-plain': (x, None, None, None, u)}[mode]
+        keys = torch.randint(-2 ** 63, 2 ** 63 - 1, (S,), generator=g)  # any int64 bits
+        counters = torch.randint(0, 2 ** 40, (S,), generator=g)
+        args = {'argmax': (x,), 'banned': (x, bad),
+                'draw': (x, bad, temp, greedy, keys, counters),
+                'draw-plain': (x, None, None, None, keys, counters)}[mode]
         got, want = K.sample_tokens_triton(*args), K.sample_tokens_ref(*args)
         ok = got.dtype == torch.int64 and torch.equal(got, want)
         if mode in ('banned', 'draw'):

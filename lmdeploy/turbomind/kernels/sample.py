@@ -1,18 +1,20 @@
 """The sampler's last step: banned ids, then a greedy argmax or one inverse-CDF draw per row.
 
-    sample_tokens(logits, bad_ids=None, temperature=None, greedy=None, uniform=None) -> int64 [S]
+    sample_tokens(logits, bad_ids=None, temperature=None, greedy=None, keys=None,
+                  counters=None) -> int64 [S]
 
 logits: [S, V], any float dtype, read as fp32. bad_ids: optional [S, W] integer ids, those
-< 0 or >= V ignored (padding). uniform: fp32 [S] in (0, 1), one draw per row; None: every row
-is greedy. greedy: optional bool [S], rows that take the argmax although `uniform` is given.
+< 0 or >= V ignored (padding). keys, counters: int64 [S], each row's random stream and which
+draw of it to take (`sampling.random_uniform`: u in (0, 1)); None: every row is greedy.
+greedy: optional bool [S], rows that take the argmax although they have a stream.
 temperature: optional fp32 [S] (None: 1), clamped to >= 1e-6, for the rows that draw.
 
 Per row: banned ids become -inf. A greedy row takes the argmax (the first index on ties). A
 drawing row divides by its temperature and takes the first index, in vocabulary order, whose
-cumulative softmax reaches ``uniform x`` the total (so never a zero-probability id; sampling.py
-explains why vocabulary order). The Triton kernel (`triton_sample.py`) does this in one launch
-where the torch reference below takes ~20 small ops; its sums are blocked, so a draw within
-~1e-6 of a boundary between two ids may take the other one.
+cumulative softmax reaches ``u x`` the total (so never a zero-probability id; sampling.py
+explains why vocabulary order). The Triton kernel (`triton_sample.py`) does this, the draw's
+hash included, in one launch where the torch reference below takes ~30 small ops; its sums
+are blocked, so a draw within ~1e-6 of a boundary between two ids may take the other one.
 """
 from typing import Optional
 
@@ -34,13 +36,16 @@ def ban_tokens(x: torch.Tensor, bad_ids: torch.Tensor) -> torch.Tensor:
 def sample_tokens_ref(logits: torch.Tensor, bad_ids: Optional[torch.Tensor] = None,
                       temperature: Optional[torch.Tensor] = None,
                       greedy: Optional[torch.Tensor] = None,
-                      uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      keys: Optional[torch.Tensor] = None,
+                      counters: Optional[torch.Tensor] = None) -> torch.Tensor:
+    from ..sampling import random_uniform  # the sampler's counter-based streams
     x = logits.to(torch.float32)
     if bad_ids is not None and bad_ids.numel():
         x = ban_tokens(x, bad_ids)
     best = x.argmax(dim=1)
-    if uniform is None:
+    if keys is None:
         return best
+    uniform = random_uniform(keys, counters)
     if temperature is not None:
         temp = temperature.to(device=x.device, dtype=torch.float32).clamp(min=1e-6)
         if greedy is not None:  # their draw is discarded: keep it finite

@@ -2,9 +2,11 @@
 
 One program per row walks the vocabulary in BLOCK-wide chunks twice: first the argmax of the
 logits and an online max / sum of exp(logit / temperature - max); then, for a drawing row,
-the running sum again until it reaches ``uniform x sum``. The chunk sums are fp32 like the
-reference's cumsum, in another order, so a draw within ~1e-6 of a boundary may differ; a draw
-past the last id (rounding between the two passes) takes the last id with probability > 0.
+the running sum again until it reaches ``u x sum``, u being the row's draw
+(`sampling.random_uniform`'s SplitMix64 hash, here in uint64 arithmetic: the same bits). The
+chunk sums are fp32 like the reference's cumsum, in another order, so a draw within ~1e-6 of
+a boundary may differ; a draw past the last id (rounding between the two passes) takes the
+last id with probability > 0.
 """
 from typing import Optional
 
@@ -20,7 +22,18 @@ def _banned(offs, BAD, W, W_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _sample_kernel(X, stride_x, V, BAD, stride_bad, W, TEMP, GREEDY, U, OUT,
+def _uniform(key, counter):
+    """sampling.random_uniform for one row: int64 key and counter -> fp32 in (0, 1)."""
+    z = (key.to(tl.uint64, bitcast=True)
+         + (counter.to(tl.uint64, bitcast=True) + 1) * 0x9E3779B97F4A7C15)
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return ((z >> 41).to(tl.float32) + 0.5) * (1.0 / 8388608)  # the top 23 bits
+
+
+@triton.jit
+def _sample_kernel(X, stride_x, V, BAD, stride_bad, W, TEMP, GREEDY, KEYS, COUNTERS, OUT,
                    HAS_BAD: tl.constexpr, DRAW: tl.constexpr, HAS_TEMP: tl.constexpr,
                    HAS_GREEDY: tl.constexpr, W_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -54,7 +67,7 @@ def _sample_kernel(X, stride_x, V, BAD, stride_bad, W, TEMP, GREEDY, U, OUT,
     tok = best_idx.to(tl.int64)
     if DRAW:
         if is_greedy == 0:
-            target = tl.load(U + row) * s
+            target = _uniform(tl.load(KEYS + row), tl.load(COUNTERS + row)) * s
             acc = 0.0
             found = V
             last = 0
@@ -77,7 +90,8 @@ def _sample_kernel(X, stride_x, V, BAD, stride_bad, W, TEMP, GREEDY, U, OUT,
 def sample_tokens_triton(logits: torch.Tensor, bad_ids: Optional[torch.Tensor] = None,
                          temperature: Optional[torch.Tensor] = None,
                          greedy: Optional[torch.Tensor] = None,
-                         uniform: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         keys: Optional[torch.Tensor] = None,
+                         counters: Optional[torch.Tensor] = None) -> torch.Tensor:
     S, V = logits.shape
     out = torch.empty(S, dtype=torch.int64, device=logits.device)
     if S == 0:
@@ -90,13 +104,15 @@ def sample_tokens_triton(logits: torch.Tensor, bad_ids: Optional[torch.Tensor] =
         W = bad.shape[1]
     else:
         bad, W = out, 0  # never read
-    draw = uniform is not None
+    draw = keys is not None
+    if draw:
+        keys, counters = keys.to(torch.int64), counters.to(torch.int64)
     has_temp = draw and temperature is not None
     has_greedy = draw and greedy is not None
     _sample_kernel[(S,)](
         x, x.stride(0), V, bad, bad.stride(0) if has_bad else 0, W,
         temperature if has_temp else out, greedy if has_greedy else out,
-        uniform if draw else out, out,
+        keys if draw else out, counters if draw else out, out,
         HAS_BAD=has_bad, DRAW=draw, HAS_TEMP=has_temp, HAS_GREEDY=has_greedy,
         W_BLOCK=max(2, triton.next_power_of_2(W)), BLOCK=2048 if V >= 2048 else
         max(16, triton.next_power_of_2(V)), num_warps=8 if V >= 2048 else 4)
