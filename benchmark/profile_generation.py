@@ -188,6 +188,7 @@ def profile_row(tm, c: int, i: int, o: int, rounds: int, warmup: bool, seed: int
     if timer is not None:
         row['engine_timing'] = timing
         print('engine_timing: ' + ', '.join(
+            f'{k} {v:.3f}' if isinstance(v, float) and '_ms_' in k else
             f'{k} {v:.0f}' if isinstance(v, float) else f'{k} {v}' for k, v in timing.items()),
             flush=True)
     if torch.cuda.is_available() and tm.config.device.startswith('cuda'):

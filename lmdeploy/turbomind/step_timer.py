@@ -18,8 +18,11 @@ update, dispatch. `count(name)` counts events (the engine's
 'jit_waits', and 'jit_misses': waits after which the device had finished before the next step
 was queued; with the sampler graphs, 'sampler_replays' and 'sampler_fallbacks': steps whose
 sampling replayed a graph or ran eagerly); the report has their totals. `observe(name, seconds)` keeps one value per event
-(e.g. a request's wait before its first step): the report has their count, mean, p50 and p90
-in milliseconds (`<name>_n`, `<name>_ms_mean`, ...). The engine observes where its requests'
+(e.g. a request's wait before its first step): the report has their count, mean, p50, p90,
+p99 and max in milliseconds (`<name>_n`, `<name>_ms_mean`, ...). Each step observes itself too:
+`step` (its wall time), `step_sync` (its wait for the device's tokens) and `step_host` (the
+rest, less any just-in-time wait): a slow step's tail tells a late device (sync) from a late
+host (host), e.g. behind a per-token p99 far above its p50. The engine observes where its requests'
 first tokens spent their time (`ttft_queue`: submit -> its first step queued on the device;
 `ttft_step`: -> tokens handed over); a server may add its own (its request -> submit, tokens
 handed over -> seen by the server).
@@ -48,14 +51,23 @@ class StepTimer:
         # is counted from now
         self._t = self._t0 = time.perf_counter()
         self._c0 = time.thread_time()
+        self._waits = self._sync = 0.0
 
     def begin(self):
         self._t = self._t0 = time.perf_counter()
         self._c0 = time.thread_time()
+        self._waits = 0.0  # this step's sync and jit_wait laps
+        self._sync = 0.0
 
     def lap(self, phase: str):
         now = time.perf_counter()
-        self.totals[phase] = self.totals.get(phase, 0.0) + (now - self._t)
+        dt = now - self._t
+        self.totals[phase] = self.totals.get(phase, 0.0) + dt
+        if phase == 'sync':
+            self._sync += dt
+            self._waits += dt
+        elif phase == 'jit_wait':
+            self._waits += dt
         self._t = now
 
     def count(self, name: str):
@@ -77,6 +89,9 @@ class StepTimer:
         kind = self.kinds['decode' if decode_only else 'mixed']
         kind[0] += 1
         kind[1] += wall
+        self.observe('step', wall)
+        self.observe('step_sync', self._sync)
+        self.observe('step_host', wall - self._waits)
 
     def report(self) -> Dict[str, float]:
         """Per step: {'steps', 'rows_per_step', 'step_us', 'cpu_us', '<phase>_us', ...,
@@ -95,5 +110,7 @@ class StepTimer:
             if ms:
                 out.update({f'{name}_n': len(ms), f'{name}_ms_mean': sum(ms) / len(ms),
                             f'{name}_ms_p50': ms[len(ms) // 2],
-                            f'{name}_ms_p90': ms[min(len(ms) - 1, int(len(ms) * 0.9))]})
+                            f'{name}_ms_p90': ms[min(len(ms) - 1, int(len(ms) * 0.9))],
+                            f'{name}_ms_p99': ms[min(len(ms) - 1, int(len(ms) * 0.99))],
+                            f'{name}_ms_max': ms[-1]})
         return out
