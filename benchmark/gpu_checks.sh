@@ -24,7 +24,7 @@
 #   mixed   profile_step.py on mixed steps around the largest mixed graph and lone prompts of
 #           600 / 1000 tokens: graph or eager, device time against the kernel sum (~40 s)
 #   ttft    B1 TTFT of a 2048-token prompt, 3 rounds (~30 s)
-#   b1jit   B1 128->2048 bs1 with --no-jit_schedule (B1 itself runs with the default, JIT) (~40 s)
+#   b1nojit B1 128->2048 bs1 with --no-jit_schedule (phase b1 runs the default, JIT) (~40 s)
 #   bs64    B2 1/128 and 128/128 at bs64, GEN_FLAGS added (e.g. --no-jit_schedule) (~60 s)
 #   sampler GPU tests of the sampler kernel and graphs (SKIP_TESTS=1: not); bench_sampler.py on
 #           B1/B4's modes (~60 s)
@@ -45,6 +45,7 @@ BUDGET=${BUDGET:-560}
 PORT=${PORT:-23333}
 . "$(dirname "$0")/gpu_lib.sh"
 want() { [[ " $PHASES " == *" $1 "* ]] && { [ "$(left)" -gt "$2" ] || { say "$1 skipped: $(left)s left"; false; }; }; }
+t() { timeout $(($(left) - 10)) "$@"; }  # a phase's command, within what is left of BUDGET
 # variables, not functions: timeout cannot run a function
 GEN="python3 benchmark/profile_generation.py --dummy llama2-7b"
 STEP="python3 benchmark/profile_step.py --session_len 4096 --iters 10"
@@ -57,28 +58,28 @@ if [ -n "${TREE:-}" ]; then
     export PYTHONPATH="$PWD" && say "phases run from $TREE" || exit 1
 fi
 if want tests 150; then
-  timeout $(($(left) - 10)) python3 -m pytest -q tests/gpu/test_engine_gpu.py \
+  t python3 -m pytest -q tests/gpu/test_engine_gpu.py \
     tests/gpu/test_kv_int8_gpu.py >"$OUT/tests.log" 2>&1
   tail -3 "$OUT/tests.log"; say tests
 fi
 if want layout 60; then
-  timeout $(($(left) - 10)) python3 benchmark/bench_gemm_layout.py --tokens 1,4,16,64,256 \
+  t python3 benchmark/bench_gemm_layout.py --tokens 1,4,16,64,256 \
     --out "$OUT/gemm_layout.json" 2>&1 | tee "$OUT/gemm_layout.log" | tail -40; say layout
 fi
 if want int8 90; then
-  timeout $(($(left) - 10)) python3 benchmark/bench_kernels.py --only int8 --sweep \
+  t python3 benchmark/bench_kernels.py --only int8 --sweep \
     --out "$OUT/int8_sweep.json" >"$OUT/int8_sweep.log" 2>&1
   grep -E "fast_i8|best|^decode_attn" "$OUT/int8_sweep.log" | tail -20; say int8
 fi
 if want b1 80; then
-  timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --out "$OUT/b1.json" 2>&1 |
+  t $GEN --rows 1:128:2048 --test_round 2 --out "$OUT/b1.json" 2>&1 |
     tail -3
   say b1
 fi
 if want b2long 200; then
-  timeout $(($(left) - 10)) $GEN --rows 64:2048:2048 --test_round 1 --out "$OUT/b2_2048.json" \
+  t $GEN --rows 64:2048:2048 --test_round 1 --out "$OUT/b2_2048.json" \
     2>&1 | tail -3
-  timeout $(($(left) - 10)) $GEN --rows 64:2048:2048 --test_round 1 --quant_policy 4 \
+  t $GEN --rows 64:2048:2048 --test_round 1 --quant_policy 4 \
     --kv_int8_scales per_tensor --cache_max_entry_count 1.0 --max_prefill_tokens 4096 \
     --out "$OUT/b2_2048_int8.json" 2>&1 | tail -3
   say b2long
@@ -93,7 +94,7 @@ if want b4 150; then
       --log_level warning --engine_timing $flag >"$OUT/server_jit_$jit.log" 2>&1 &
     server=$!
     wait_for_server $server "$PORT"
-    timeout $(($(left) - 10)) python3 benchmark/profile_restful_api.py synthetic \
+    t python3 benchmark/profile_restful_api.py synthetic \
       --base_url "http://127.0.0.1:$PORT" --request_rate 4 --num_prompts 120 --vocab_size 32000 \
       --no_progress --out "$OUT/b4_jit_$jit.json" 2>&1 | tail -12
     kill -INT $server
@@ -103,65 +104,65 @@ if want b4 150; then
   say b4
 fi
 if want prefill 90; then
-  timeout $(($(left) - 10)) $STEP --cases '/2048;/512' --out "$OUT/prefill_step.json" 2>&1 |
+  t $STEP --cases '/2048;/512' --out "$OUT/prefill_step.json" 2>&1 |
     grep -E "^step|^runner|idle|  [0-9]+ us"
-  timeout $(($(left) - 10)) python3 benchmark/bench_kernels.py --only prefill \
+  t python3 benchmark/bench_kernels.py --only prefill \
     --out "$OUT/prefill_kernels.json" 2>&1 | grep -E "prefill_attn|prompt_attn"
   say prefill
 fi
 if want c128 250; then
-  timeout $(($(left) - 10)) $GEN --rows 128:2048:2048 --test_round 1 --engine_timing \
+  t $GEN --rows 128:2048:2048 --test_round 1 --engine_timing \
     --out "$OUT/b2_c128_2048.json" 2>&1 | grep -E "^\| [0-9]|engine_timing|compiled" | cut -c1-400
   say c128
 fi
 if want fresh 120; then
-  timeout $(($(left) - 10)) python3 -m pytest -q tests/gpu/test_engine_gpu.py \
+  t python3 -m pytest -q tests/gpu/test_engine_gpu.py \
     tests/gpu/test_cuda_graph_gpu.py >"$OUT/fresh_tests.log" 2>&1
   tail -3 "$OUT/fresh_tests.log"; say fresh
 fi
 if want mixed 40; then
-  timeout $(($(left) - 10)) $STEP --cases '4:300/220;4:300/512;4:300/700;/600;/1000' \
+  t $STEP --cases '4:300/220;4:300/512;4:300/700;/600;/1000' \
     --out "$OUT/mixed_steps.json" 2>&1 | grep -E "^step|^runner"
   say mixed
 fi
 if want ttft 30; then
-  timeout $(($(left) - 10)) $GEN --rows 1:2048:32 --test_round 3 --engine_timing \
+  t $GEN --rows 1:2048:32 --test_round 3 --engine_timing \
     --out "$OUT/ttft2048.json" 2>&1 | grep -E "^\| [0-9]" | cut -c1-250
   say ttft
 fi
-if want b1jit 80; then
-  timeout $(($(left) - 10)) $GEN --rows 1:128:2048 --test_round 2 --no-jit_schedule \
-    --out "$OUT/b1_jit.json" 2>&1 | tail -3
-  say b1jit
+if want b1nojit 80; then
+  t $GEN --rows 1:128:2048 --test_round 2 --no-jit_schedule \
+    --out "$OUT/b1_nojit.json" 2>&1 | tail -3
+  say b1nojit
 fi
 if want bs64 60; then
-  timeout $(($(left) - 10)) $GEN --rows 64:1:128,64:128:128 --test_round 2 ${GEN_FLAGS:-} \
+  t $GEN --rows 64:1:128,64:128:128 --test_round 2 ${GEN_FLAGS:-} \
     --out "$OUT/bs64.json" 2>&1 | grep -E "^\| [0-9]" | cut -c1-250
   say bs64
 fi
 if want sampler 60; then
-  [ -n "${SKIP_TESTS:-}" ] || { timeout $(($(left) - 10)) python3 -m pytest -q \
+  [ -n "${SKIP_TESTS:-}" ] || { t python3 -m pytest -q \
     tests/gpu/test_sampler_graphs_gpu.py tests/gpu/test_kernels_gpu.py -k "sample or graph" \
     >"$OUT/sampler_tests.log" 2>&1; tail -2 "$OUT/sampler_tests.log"; }
-  timeout $(($(left) - 10)) python3 benchmark/bench_sampler.py --rows 1,4,64,256 \
+  t python3 benchmark/bench_sampler.py --rows 1,4,64,256 \
     --vocab 32000 --modes greedy+bad,temperature+bad,top_k40+top_p \
     --out "$OUT/bench_sampler.json" 2>&1 | tail -14
   say sampler
 fi
 if want decode4 90; then
-  timeout $(($(left) - 10)) python3 benchmark/bench_kernels.py --only decode --sweep \
+  t python3 benchmark/bench_kernels.py --only decode --sweep \
     --decode_cases 4:300:4096,4:600:4096,4:1100:4096,1:300:4096,64:128:2048 \
     --out "$OUT/decode4.json" >"$OUT/decode4.log" 2>&1
   grep -E "^decode_attn" "$OUT/decode4.log" | cut -c1-200
   say decode4
 fi
 if want rows14 40; then
-  timeout $(($(left) - 10)) $STEP --cases '1:300/;4:300/;1:1100/;4:1100/' --max_batch_size 32 \
+  t $STEP --cases '1:300/;4:300/;1:1100/;4:1100/' --max_batch_size 32 \
     --out "$OUT/decode_rows.json" 2>&1 | grep -E "^step|^runner"
   say rows14
 fi
 if want b3 $((${B3_LIMIT:-90} + 50)); then
-  timeout $(($(left) - 10)) python3 benchmark/profile_throughput.py synthetic --dummy llama2-7b \
+  t python3 benchmark/profile_throughput.py synthetic --dummy llama2-7b \
     --concurrency 256 --num_prompts 3000 --max_batch_size 256 --cache_max_entry_count 0.9 \
     --no_progress --engine_timing --time_limit "${B3_LIMIT:-90}" --out "$OUT/b3.json" 2>&1 |
     grep -E "Throughput|elapsed|time limit|steps" | cut -c1-300
