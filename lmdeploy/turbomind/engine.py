@@ -48,7 +48,8 @@ into the step's launch and sampling), and TurboMind freezes its start-up heap ou
 garbage collector (a full collection stops every thread for 50-100 ms). On the H100 (session
 7, benchmark/NOTES.md) JIT took B4's TTFT p50 from 23.0 to 18.5 ms with the p99s unchanged,
 B1's first token of a 128-token prompt from 7.8 to 6.9 ms, and left B1's and bs64's tokens per
-second as they were (per-token p99 within 1.16 x p50).
+second as they were; B1's per-token p99 moved with the machine (1.05-2.05 x p50) with and
+without it.
 
 Callers on any thread reach the loop only through `submit` and `call` (both queue a command
 the loop runs between steps) and through the `Request` objects they hand in, which the loop
