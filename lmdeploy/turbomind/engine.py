@@ -282,7 +282,8 @@ class Engine:
         # The runner's CUDA graphs of the sampler when it has them (CUDA with graphs on; they
         # return int32 tokens), else the eager sampler: the same tokens either way.
         sampler_graphs = getattr(runner, 'sampler_graphs', None)
-        self.sampler = sampler_graphs if sampler_graphs is not None else Sampler()
+        self.sampler = (sampler_graphs if sampler_graphs is not None
+                        else Sampler(kernels=getattr(runner, 'kernels', None)))
         self.slots = SamplingSlots(cfg.max_batch_size)
         # Plan ahead only with one rank (the others would need prev_tokens) and when enabled.
         self.async_schedule = (bool(getattr(cfg, 'async_schedule', True))

@@ -251,8 +251,8 @@ class ModelRunner:
         with bad-words widths 0 and 1 captured now in every bucket; `memory['sampler_graphs']`
         is what they hold."""
         cfg = self.cfg
-        graphs = SamplerGraphs(Sampler(), cfg.vocab_size, self.device, cfg.max_batch_size,
-                               out_dtype=torch.int32)
+        graphs = SamplerGraphs(Sampler(kernels=self.kernels), cfg.vocab_size, self.device,
+                               cfg.max_batch_size, out_dtype=torch.int32)
         graphs.capture(graphs.keys(COMMON_MODES))
         torch.cuda.synchronize(self.device)
         self.memory['sampler_graphs'] = graphs.input_bytes + graphs.pool_bytes()

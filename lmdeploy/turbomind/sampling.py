@@ -412,8 +412,9 @@ class Sampler:
     result: only the sorted *values* are used).
 
     The last step (bad words, the argmax or the draw) is the `sample_tokens` kernel of
-    `kernels` (default: `kernels.select` for the logits' device: one Triton launch on CUDA, the
-    torch reference elsewhere); the penalty and the top-k/top-p thresholds stay torch ops."""
+    `kernels` (the runner passes its own choice; default: `kernels.select` for the logits'
+    device: one Triton launch on CUDA, the torch reference elsewhere); the penalty and the
+    top-k/top-p thresholds stay torch ops."""
 
     def __init__(self, topk_fast_path: int = 1024, kernels=None):
         self.topk_fast_path = topk_fast_path
