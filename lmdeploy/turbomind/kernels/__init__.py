@@ -17,6 +17,7 @@ CUDA library kernel does the job (torch's fused SDPA for `prompt_attention`). ``
     prompt_attention(q, k, v, scale) -> out    (one fresh prompt, causal over its own tokens)
     sample_tokens(logits, bad_ids=None, temperature=None, greedy=None, uniform=None) -> ids
                                                 (the sampler's last step: argmax or one draw)
+    linear(x, w) -> x @ w      w: [K, N], or output.t() for the LM head (Triton: small M only)
 
 Choice: the Triton version on CUDA when it exists and triton imports, else the CUDA one on
 CUDA; the reference otherwise.
@@ -40,9 +41,11 @@ OPS: Dict[str, str] = {  # op name -> module
     'silu_and_mul': 'activation',
     'prompt_attention': 'prompt_attention',
     'sample_tokens': 'sample',
+    'linear': 'linear',
 }
 
 from .activation import silu_and_mul_ref  # noqa: E402
+from .linear import linear_ref  # noqa: E402
 from .paged_attention import paged_attention_ref  # noqa: E402
 from .prompt_attention import prompt_attention_ref  # noqa: E402
 from .rms_norm import rms_norm_ref  # noqa: E402
@@ -116,4 +119,4 @@ def compiled_variants() -> int:
 
 __all__ = ['OPS', 'Kernels', 'select', 'compiled_variants', 'rms_norm_ref',
            'rotary_embedding_ref', 'store_kv_ref', 'rotary_store_kv_ref', 'paged_attention_ref',
-           'silu_and_mul_ref', 'prompt_attention_ref', 'sample_tokens_ref']
+           'silu_and_mul_ref', 'prompt_attention_ref', 'sample_tokens_ref', 'linear_ref']

@@ -7,9 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_opts, pdl_enter
+
 
 @triton.jit
-def _silu_and_mul_kernel(X, O, I, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(X, O, I, stride_x, stride_o, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < I
@@ -33,5 +37,5 @@ def silu_and_mul_triton(x: torch.Tensor) -> torch.Tensor:
         block = min(2048, triton.next_power_of_2(inter))
         _silu_and_mul_kernel[(T, triton.cdiv(inter, block))](
             x2, o2, inter, x2.stride(0), o2.stride(0), BLOCK=block,
-            num_warps=max(1, min(8, block // 256)))
+            num_warps=max(1, min(8, block // 256)), **launch_opts(x.device))
     return out

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .kv_quant import ONLINE, STATIC, qparams_mode
+from .pdl import launch_opts, pdl_enter
 
 LOG2E = 1.4426950408889634
 
@@ -141,7 +142,8 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
                    GROUP: tl.constexpr, G_PAD: tl.constexpr,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                    PAGE: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                   MIXED: tl.constexpr, FAST_I8: tl.constexpr = False):
+                   MIXED: tl.constexpr, USE_PDL: tl.constexpr, FAST_I8: tl.constexpr = False):
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -216,9 +218,10 @@ def _decode_kernel(Q, K, V, BT, CU, KVL, O, TmpO, TmpML, QP, qk_scale, partition
 @triton.jit(do_not_specialize=['num_splits'])
 def _combine_kernel(TmpO, TmpML, CU, KVL, O, partition, num_splits, stride_ot, stride_oh,
                     CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                    MIXED: tl.constexpr):
+                    MIXED: tl.constexpr, USE_PDL: tl.constexpr):
     """Merge the non-empty partitions of one (row, head), CHUNK of them at a time with a
     running max (any split count, one compiled variant)."""
+    pdl_enter(USE_PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     if MIXED:
@@ -261,7 +264,9 @@ def _prefill_kernel(Q, K, V, BT, CU, KVL, O, QP, qk_scale, num_rows,
                     stride_qph, QUANT: tl.constexpr, GROUP: tl.constexpr, G_PAD: tl.constexpr,
                     BLOCK_Q: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PAGE: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_DECODE: tl.constexpr):
+                    PAGE: tl.constexpr, DOT_PREC: tl.constexpr, SKIP_DECODE: tl.constexpr,
+                    USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -454,6 +459,7 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     # rows with q_len != 1 and the prefill kernel's programs of rows with q_len == 1 return
     # at once, so decode rows keep split-K without the host knowing which rows they are.
     mixed = T != B
+    pdl = launch_opts(q.device)
     cfg = {**DECODE_CFG, **INT8_DECODE_CFG.get(mode, {}), **(decode_cfg or {})}
     block_n = cfg['BLOCK_N']
     if num_splits is None:
@@ -475,12 +481,12 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         SPLIT_K=splits > 1, GROUP=group, G_PAD=g_pad, HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=block_n, PAGE=page, USE_DOT=use_dot, DOT_PREC=prec, MIXED=mixed,
         FAST_I8=bool(cfg.get('fast_i8', False)),
-        num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
+        num_warps=cfg['num_warps'], num_stages=cfg['num_stages'], **pdl)
     if splits > 1:
         _combine_kernel[(B, hq)](tmp_o, tmp_ml, cu_seqlens, kv_lens, out, partition, splits,
                                  out.stride(0), out.stride(1), CHUNK=COMBINE_CHUNK,
                                  HEAD_DIM=D, BLOCK_D=block_d, MIXED=mixed,
-                                 num_warps=4 if block_d >= 128 else 2)
+                                 num_warps=4 if block_d >= 128 else 2, **pdl)
     if not mixed:
         return out
 
@@ -495,5 +501,5 @@ def paged_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q.stride(0), q.stride(1), *common_strides, QUANT=quant,
         GROUP=group, G_PAD=g_pad, BLOCK_Q=block_q, HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=cfg['BLOCK_N'], PAGE=page, DOT_PREC=prec, SKIP_DECODE=True,
-        num_warps=cfg['num_warps'], num_stages=cfg['num_stages'])
+        num_warps=cfg['num_warps'], num_stages=cfg['num_stages'], **pdl)
     return out

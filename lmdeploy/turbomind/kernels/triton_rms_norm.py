@@ -11,10 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_opts, pdl_enter
+
 
 @triton.jit
 def _rms_norm_kernel(X, R, W, O, RO, eps, H, stride_x, stride_r, stride_o, stride_ro,
-                     HAS_RES: tl.constexpr, BLOCK_H: tl.constexpr):
+                     HAS_RES: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
@@ -45,7 +48,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if residual is None:
         if T:
             _rms_norm_kernel[(T,)](x2, x2, weight, o2, o2, eps, H, x2.stride(0), 0, o2.stride(0),
-                                   0, HAS_RES=False, BLOCK_H=block, num_warps=warps)
+                                   0, HAS_RES=False, BLOCK_H=block, num_warps=warps,
+                                   **launch_opts(x.device))
         return out
     r2 = residual.reshape(-1, H)
     if r2.stride(-1) != 1:
@@ -55,5 +59,5 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float,
     if T:
         _rms_norm_kernel[(T,)](x2, r2, weight, o2, nr2, eps, H, x2.stride(0), r2.stride(0),
                                o2.stride(0), nr2.stride(0), HAS_RES=True, BLOCK_H=block,
-                               num_warps=warps)
+                               num_warps=warps, **launch_opts(x.device))
     return out, new_res

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_opts, pdl_enter
 from .triton_rotary import _inv_freq
 from .triton_store_kv import _slot_ptrs, _store_tile, int8_launch_args, store_kv_triton
 
@@ -72,7 +73,9 @@ def _rotary_store_kv_kernel(
         stride_vch, qp_v, stride_qpb, stride_qph,
         HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, ROT: tl.constexpr,
         BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_D: tl.constexpr,
-        NQ: tl.constexpr, NKV: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr):
+        NQ: tl.constexpr, NKV: tl.constexpr, PAGE: tl.constexpr, QUANT: tl.constexpr,
+        USE_PDL: tl.constexpr):
+    pdl_enter(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     j = tl.program_id(1)
     if j < NQ:  # q heads, rotated in place (dims >= ROT are not touched)
@@ -127,5 +130,5 @@ def rotary_store_kv_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), *qp_strides, HQ=hq, HKV=hkv, HEAD_DIM=D, ROT=rotary_dim,
         BLOCK_HQ=bhq, BLOCK_HKV=bhkv, BLOCK_D=block_d, NQ=nq, NKV=nkv, PAGE=k_cache.shape[1],
-        QUANT=quant, num_warps=num_warps)
+        QUANT=quant, num_warps=num_warps, **launch_opts(q.device))
     return q

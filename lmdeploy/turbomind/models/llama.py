@@ -15,6 +15,8 @@
         h'    = all_reduce(silu_and_mul(x @ w13) @ w2)
     x = rms_norm(h' + h, norm)[sample_idx]
     logits = all_gather(x @ output_r.T)  fp32            [S, V]
+Every `x @ w` is `kernels.linear` (on CUDA, for a few rows: the Triton weight-streaming GEMV,
+launched with PDL; cuBLAS otherwise).
 
 Tensor parallel (`comm`, see distributed.py; default: one rank, identities): `weights` holds one
 rank's heads, FFN slice and vocab slice of the LM head (`output_r` = rows [r V/tp, (r+1) V/tp),
@@ -75,7 +77,7 @@ class LlamaModel:
                 x = k.rms_norm(h, lw.attention_norm, self.eps)
             else:
                 x, residual = k.rms_norm(h, lw.attention_norm, self.eps, residual)
-            qkv = x @ lw.w_qkv
+            qkv = k.linear(x, lw.w_qkv)
             if lw.b_qkv is not None:
                 qkv = qkv + lw.b_qkv
             q, kk, v = qkv.split([hq * D, hkv * D, hkv * D], dim=-1)
@@ -98,14 +100,14 @@ class LlamaModel:
                 o = k.paged_attention(q, k_cache, v_cache, step.block_table, step.cu_seqlens,
                                       step.kv_lens, self.scale, step.max_q_len,
                                       step.max_kv_len, qp)
-            h = self.comm.all_reduce(o.reshape(T, hq * D) @ lw.wo)
+            h = self.comm.all_reduce(k.linear(o.reshape(T, hq * D), lw.wo))
             if lw.b_o is not None:
                 h = h + lw.b_o
             x, residual = k.rms_norm(h, lw.ffn_norm, self.eps, residual)
-            h = self.comm.all_reduce(k.silu_and_mul(x @ lw.w13) @ lw.w2)
+            h = self.comm.all_reduce(k.linear(k.silu_and_mul(k.linear(x, lw.w13)), lw.w2))
         h = (h + residual).index_select(0, step.sample_idx)
         x = k.rms_norm(h, w.norm, self.eps)
-        logits = F.linear(x, w.output).float()
+        logits = k.linear(x, w.output.t()).float()
         return self.comm.all_gather(logits)
 
     __call__ = forward

@@ -1,0 +1,181 @@
+"""The Triton small-M GEMM (kernels/triton_linear.py) vs ``x @ w``, on CPU through Triton's
+interpreter, plus host-side checks of its launch plans at the real shapes.
+
+As in test_kernels_triton.py, the interpreter cases run in ONE subprocess (this file as a
+script, TRITON_INTERPRET=1) and the parametrised tests read its verdicts. Shapes are small and
+K / N are not multiples of the blocks. Both weight layouts: w [K, N] (N contiguous) and the LM
+head's ``output.t()`` (K contiguous). Errors are ||out - exact|| / ||exact|| against the
+product in fp64 of the same (rounded) inputs; the bound is the rounding of the output to its
+dtype (bf16: 2^-7, the interpreter truncates) plus fp32 accumulation, ~sqrt(K) 2^-24 per term.
+
+    PYTHONPATH=. TRITON_INTERPRET=1 python tests/turbomind/test_linear_triton.py [case ...]
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# name -> parameters (pure data). cfg: Cfg fields (use_dot, block_m, block_n, block_k,
+# split_k, num_warps, num_stages); None: the kernel's own table.
+CASES = {}
+
+
+def _case(name, **kw):
+    CASES[name] = kw
+
+
+for dt in ('float32', 'float16', 'bfloat16'):
+    for M in (1, 3, 16, 33):
+        _case(f'default-M{M}-{dt}', M=M, K=200, N=72, dtype=dt)
+_case('gemv-m2-two-mtiles-split3', M=3, K=100, N=70, dtype='float32',
+      cfg=(False, 2, 32, 16, 3, 4, 2))
+_case('gemv-m4-split7', M=4, K=130, N=40, dtype='float16', cfg=(False, 4, 16, 16, 7, 4, 2))
+_case('gemv-m1-rows-as-programs', M=3, K=64, N=48, dtype='float16', cfg=(False, 1, 16, 32, 2, 4, 1))
+_case('gemv-split20-even', M=1, K=320, N=64, dtype='float32', cfg=(False, 1, 32, 16, 20, 4, 3))
+_case('dot-split40-three-groups', M=2, K=640, N=24, dtype='float32',
+      cfg=(True, 16, 16, 16, 40, 4, 2))
+_case('gemv-nosplit-even', M=1, K=256, N=128, dtype='float16', cfg=(False, 1, 64, 64, 1, 4, 3))
+_case('dot-m33-three-mtiles-split5', M=33, K=200, N=72, dtype='float32',
+      cfg=(True, 16, 32, 16, 5, 4, 2))
+_case('dot-m33-bf16-split2', M=33, K=96, N=40, dtype='bfloat16', cfg=(True, 32, 16, 32, 2, 4, 3))
+_case('dot-even-nosplit', M=5, K=256, N=128, dtype='float16', cfg=(True, 16, 64, 64, 1, 4, 3))
+_case('x-3d-strided', M=6, K=90, N=50, dtype='float16', x3d=True)
+_case('above-threshold-is-matmul', M=65, K=64, N=40, dtype='float32')
+
+
+def _tol(dtype_name, K):
+    out = {'float32': 0.0, 'float16': 2.0 ** -11, 'bfloat16': 2.0 ** -7}[dtype_name]
+    return out + 8 * math.sqrt(K) * 2.0 ** -24
+
+
+def _rel_err(out, exact):
+    return float((out.double() - exact).norm() / exact.norm().clamp_min(1e-30))
+
+
+def run_case(name):
+    """(ok, message); runs in the interpreter subprocess."""
+    import torch
+
+    from lmdeploy.turbomind.kernels import triton_linear as tlin
+    from lmdeploy.turbomind.kernels.linear import linear_ref, linear_triton
+
+    p = CASES[name]
+    dtype = getattr(torch, p['dtype'])
+    g = torch.Generator().manual_seed(hash(name) % (2 ** 31))
+    M, K, N = p['M'], p['K'], p['N']
+    cfg = tlin.Cfg(*p['cfg']) if p.get('cfg') else None
+    if p.get('x3d'):  # [2, M/2, K] with a padded row stride
+        x = torch.randn(2, M // 2, K + 7, generator=g).to(dtype)[..., :K]
+    else:
+        x = torch.randn(M, K, generator=g).to(dtype)
+    w_kn = torch.randn(K, N, generator=g).to(dtype)
+    w_nk = w_kn.t().contiguous().t()  # same values, K contiguous (the LM head's output.t())
+    exact = x.double() @ w_kn.double()
+    tol = _tol(p['dtype'], K)
+    errs, ok = [], True
+    for w in (w_kn, w_nk):
+        for st in tlin._STATE.values():  # a partial read before it is written shows as NaN
+            for buf in st['ws']:
+                buf.fill_(float('nan'))
+        o = linear_triton(x, w, cfg)
+        ok &= o.dtype == dtype and o.shape == exact.shape
+        errs.append(_rel_err(o, exact))
+        ok &= torch.equal(o, linear_triton(x, w, cfg))  # deterministic split-K order
+        if cfg is None and M > tlin.M_MAX:  # no table entry: cuBLAS
+            ok &= torch.equal(o, linear_ref(x, w))
+    for st in tlin._STATE.values():  # the last split of every tile reset its counter
+        ok &= int(st['cnt'].abs().sum()) == 0
+    err = max(errs)
+    return (bool(ok) and err <= tol,
+            f'rel_err={err:.2e} (kn {errs[0]:.1e}, nk {errs[1]:.1e}) tol={tol:.1e}')
+
+
+def _main(names):
+    assert os.environ.get('TRITON_INTERPRET') == '1', 'run with TRITON_INTERPRET=1'
+    for name in names:
+        t0 = time.time()
+        try:
+            ok, msg = run_case(name)
+        except Exception as e:  # report, keep going
+            import traceback
+            ok, msg = False, f'{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}'
+        print(json.dumps({'case': name, 'ok': ok, 'msg': msg,
+                          'seconds': round(time.time() - t0, 2)}), flush=True)
+
+
+# ----------------------------------------------------------------------------- pytest side
+@pytest.fixture(scope='module')
+def interp_results():
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=ROOT + os.pathsep
+               + os.environ.get('PYTHONPATH', ''))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith('{'):
+            r = json.loads(line)
+            results[r['case']] = r
+    if not results:
+        pytest.fail(f'interpreter subprocess produced nothing (rc {proc.returncode}):\n'
+                    f'{proc.stderr[-4000:]}')
+    return results
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_linear_triton_matches_reference(interp_results, case):
+    r = interp_results.get(case)
+    assert r is not None, f'{case}: no result (subprocess died?)'
+    assert r['ok'], f"{case}: {r['msg']}"
+
+
+SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 6144),
+          (4096, 28672), (14336, 4096)]
+LM_HEADS = [(4096, 32000), (4096, 128256)]
+
+
+@pytest.mark.parametrize('M', [1, 2, 4, 8, 16, 32, 64])
+def test_plans_at_real_shapes(M):
+    """On a 132-SM device: every K tile is covered by exactly one split, no split is empty,
+    split-K scratch and counters stay within their caps, and the table covers M <= M_MAX
+    (above it: cuBLAS; the table's larger rows still serve explicit requests)."""
+    pytest.importorskip('triton')
+    import torch
+    import triton
+
+    from lmdeploy.turbomind.kernels import triton_linear as tlin
+    dev = torch.device('cuda', 0)
+    tlin._SMS[dev] = 132  # host arithmetic only: no GPU needed
+    for layout, shapes in (('kn', SHAPES), ('nk', LM_HEADS)):
+        for K, N in shapes:
+            cfg = tlin.get_config(M, K, N, layout)
+            if M > tlin.M_MAX:
+                assert cfg is None, (layout, K, N, M)
+                cfg = next(c for m, c in tlin.DEFAULTS[layout] if M <= m)
+            assert cfg is not None, (layout, K, N, M)
+            (gn, gs, gm), split, iters = tlin.plan(M, K, N, cfg, dev)
+            k_iters = triton.cdiv(K, cfg.block_k)
+            assert gs == split and (split - 1) * iters < k_iters <= split * iters
+            assert split <= tlin.MAX_SPLIT
+            assert split == 1 or split * M * N * 4 <= tlin._WS_BYTES
+            assert split == 1 or gn * gm <= tlin._NUM_COUNTERS
+            if layout == 'kn' and M == 1:  # the decode GEMMs fill the GPU
+                assert gn * gm * split >= 2 * 132, (K, N, gn, split)
+    assert tlin.get_config(tlin.M_MAX + 1, 4096, 4096, 'kn') is None
+
+
+def test_select_registers_linear():
+    from lmdeploy.turbomind import kernels
+    from lmdeploy.turbomind.kernels.linear import linear_ref
+    k = kernels.select('cpu')
+    assert k.linear is linear_ref and k.impl['linear'] == 'ref'
+
+
+if __name__ == '__main__':
+    _main(sys.argv[1:] or list(CASES))
