@@ -82,17 +82,21 @@ _ENABLED = os.environ.get('LMDEPLOY_TRITON_LINEAR', '1') != '0'
 @triton.jit
 def _load_x(x_ptrs, mask_m, mask_k, BLOCK_M: tl.constexpr):
     if BLOCK_M == 1:
-        return tl.load(x_ptrs, mask=mask_k, other=0.0)
-    return tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        xk = tl.load(x_ptrs, mask=mask_k, other=0.0)
+    else:
+        xk = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    return xk
 
 
 @triton.jit
 def _load_w(w_ptrs, mask_k, mask_n, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
     # the weight is read once: evict it first, keep x and the split-K partials in L2
     if EVEN_K and EVEN_N:
-        return tl.load(w_ptrs, eviction_policy='evict_first')
-    return tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0,
-                   eviction_policy='evict_first')
+        w = tl.load(w_ptrs, eviction_policy='evict_first')
+    else:
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0,
+                    eviction_policy='evict_first')
+    return w
 
 
 @triton.jit
@@ -105,15 +109,17 @@ def _mac(acc, xk, w, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, UPCAST: tl.co
             xk = xk.to(tl.float32)
             w = w.to(tl.float32)
         if FIRST:
-            return tl.dot(xk, w, input_precision=PREC, out_dtype=tl.float32)
-        return tl.dot(xk, w, acc, input_precision=PREC)
-    if BLOCK_M == 1:
-        prod = xk.to(tl.float32)[:, None] * w.to(tl.float32)
+            res = tl.dot(xk, w, input_precision=PREC, out_dtype=tl.float32)
+        else:
+            res = tl.dot(xk, w, acc, input_precision=PREC)
     else:
-        prod = xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
-    if FIRST:
-        return prod
-    return acc + prod
+        if BLOCK_M == 1:
+            res = xk.to(tl.float32)[:, None] * w.to(tl.float32)
+        else:
+            res = xk.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+        if not FIRST:
+            res = acc + res
+    return res
 
 
 @triton.jit(do_not_specialize=['M', 'split_k', 'iters'])
