@@ -72,8 +72,22 @@ DEFAULTS = {
            (32, Cfg(True, 32, 64, 128, 0, 4, 4)),
            (64, Cfg(True, 64, 64, 64, 0, 4, 4))),
 }
-# (layout, K, N, M bucket) -> Cfg, or None for cuBLAS; bench_gemm.py prints these rows
-TUNED = {}
+# (layout, K, N, M bucket) -> Cfg, or None for cuBLAS; bench_gemm.py prints these rows.
+# Llama-2-7B shapes, H100, `bench_gemm.py --ms 1,4 --models llama2-7b` (session 8), us alone
+# (Triton / cuBLAS). Alone, cuBLAS wins qkv and w13 by 2-3 us; in a decode step the Triton
+# kernel's PDL overlap is worth more (NOTES.md, session 8).
+TUNED = {
+    ('kn', 4096, 12288, 1): Cfg(False, 1, 128, 64, 3, 4, 3),  # 37.9 / 35.1
+    ('kn', 4096, 4096, 1): Cfg(True, 16, 128, 64, 16, 4, 4),  # 14.0 / 13.9
+    ('kn', 4096, 22016, 1): Cfg(False, 1, 128, 64, 0, 4, 3),  # 64.6 / 62.6
+    ('kn', 11008, 4096, 1): Cfg(False, 1, 128, 64, 16, 4, 1),  # 32.3 / 34.5
+    ('nk', 4096, 32000, 1): Cfg(False, 1, 16, 512, 1, 4, 3),  # 85.3 / 96.3
+    ('kn', 4096, 12288, 4): None,  # 39.9 / 38.9
+    ('kn', 4096, 4096, 4): None,  # 14.3 / 13.8
+    ('kn', 4096, 22016, 4): None,  # 66.5 / 61.2
+    ('kn', 11008, 4096, 4): None,  # 34.5 / 34.5
+    ('nk', 4096, 32000, 4): Cfg(True, 16, 64, 128, 2, 4, 4),  # 92.8 / 98.2
+}
 
 _INTERPRET = os.environ.get('TRITON_INTERPRET') == '1'
 _ENABLED = os.environ.get('LMDEPLOY_TRITON_LINEAR', '1') != '0'
