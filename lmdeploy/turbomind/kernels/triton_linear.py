@@ -74,12 +74,13 @@ DEFAULTS = {
 }
 # (layout, K, N, M bucket) -> Cfg, or None for cuBLAS; bench_gemm.py prints these rows.
 # Llama-2-7B shapes, H100, `bench_gemm.py --ms 1,4 --models llama2-7b` (session 8), us alone
-# (Triton / cuBLAS). Alone, cuBLAS wins qkv and w13 by 2-3 us; in a decode step the Triton
-# kernel's PDL overlap is worth more (NOTES.md, session 8).
+# (Triton / cuBLAS). In B1's decode step (PDL on), Triton for wo, w2 and the LM head and cuBLAS
+# for qkv and w13 was fastest: 5.46 ms per step, all-Triton 5.53, all-cuBLAS 5.58 (NOTES.md,
+# session 8); the kernels that precede wo and w2 (attention combine, SiLU) overlap their start.
 TUNED = {
-    ('kn', 4096, 12288, 1): Cfg(False, 1, 128, 64, 3, 4, 3),  # 37.9 / 35.1
+    ('kn', 4096, 12288, 1): None,  # 37.9 / 35.1: Cfg(False, 1, 128, 64, 3, 4, 3)
     ('kn', 4096, 4096, 1): Cfg(True, 16, 128, 64, 16, 4, 4),  # 14.0 / 13.9
-    ('kn', 4096, 22016, 1): Cfg(False, 1, 128, 64, 0, 4, 3),  # 64.6 / 62.6
+    ('kn', 4096, 22016, 1): None,  # 64.6 / 62.6: Cfg(False, 1, 128, 64, 0, 4, 3)
     ('kn', 11008, 4096, 1): Cfg(False, 1, 128, 64, 16, 4, 1),  # 32.3 / 34.5
     ('nk', 4096, 32000, 1): Cfg(False, 1, 16, 512, 1, 4, 3),  # 85.3 / 96.3
     ('kn', 4096, 12288, 4): None,  # 39.9 / 38.9

@@ -17,10 +17,11 @@ from .pdl import launch_opts, pdl_enter
 @triton.jit
 def _rms_norm_kernel(X, R, W, O, RO, eps, H, stride_x, stride_r, stride_o, stride_ro,
                      HAS_RES: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
-    pdl_enter(USE_PDL)
-    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_H)
     mask = offs < H
+    w = tl.load(W + offs, mask=mask, other=0.0)  # a weight: read before the wait (pdl.py)
+    pdl_enter(USE_PDL)
+    row = tl.program_id(0).to(tl.int64)
     x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(R + row * stride_r + offs, mask=mask, other=0.0)
@@ -29,7 +30,6 @@ def _rms_norm_kernel(X, R, W, O, RO, eps, H, stride_x, stride_r, stride_o, strid
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / H
     y = (xf * tl.rsqrt(var + eps)).to(X.dtype.element_ty)
-    w = tl.load(W + offs, mask=mask, other=0.0)
     out = w.to(tl.float32) * y.to(tl.float32)
     tl.store(O + row * stride_o + offs, out.to(O.dtype.element_ty), mask=mask)
 
