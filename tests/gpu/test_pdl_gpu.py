@@ -33,7 +33,8 @@ def pdl_switch():
 
     def set_(on):
         pdl._ENABLED[idx] = pdl._ENABLED[None] = on
-    yield set_
+    with pdl.decode_scope(True):  # as the model opens it for decode-only steps
+        yield set_
     pdl._ENABLED.clear()
     pdl._ENABLED.update(saved)
 
@@ -99,7 +100,13 @@ def test_layer_chain_equal_with_and_without_pdl(pdl_switch, rows, ctx):
 def test_pdl_is_on_where_supported(monkeypatch):
     pdl._ENABLED.clear()
     monkeypatch.delenv('LMDEPLOY_PDL', raising=False)
-    assert pdl.pdl_enabled(torch.device(DEV)) == _has_pdl()
+    dev = torch.device(DEV)
+    assert pdl.pdl_enabled(dev) == _has_pdl()
+    assert 'launch_pdl' not in pdl.launch_opts(dev)  # outside a decode-only step
+    with pdl.decode_scope(True):
+        assert ('launch_pdl' in pdl.launch_opts(dev)) == _has_pdl()
+        with pdl.decode_scope(False):
+            assert 'launch_pdl' not in pdl.launch_opts(dev)
     pdl._ENABLED.clear()
     monkeypatch.setenv('LMDEPLOY_PDL', '0')
     assert not pdl.pdl_enabled(torch.device(DEV))

@@ -13,19 +13,32 @@ enough (its predecessor finished before it passed its own wait):
 A kernel that is not launched with PDL (torch, cuBLAS) serialises as usual; the wait is a
 no-op after it.
 
+Only decode-only steps use it (the model opens ``decode_scope`` when every row has one new
+token). On the H100, B1's decode step went 5.56 -> 5.44 ms with it, but a 128-token prompt's
+step 6.00 -> 6.56 ms (graph replays; NOTES.md, session 8), so steps with prompt rows launch as
+before.
+
 ``LMDEPLOY_PDL=0`` turns it off (A/B runs); it is on where the GPU (sm_90+) and Triton
 (``gdc_wait``, ``launch_pdl``) support it, never in the interpreter.
 """
+import contextlib
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: only decode_scope is used (by the model)
+    triton = tl = None
 
 _ENABLED = {}
+_IN_DECODE_STEP = [False]  # set by decode_scope around a decode-only forward
 
 
 def _triton_has_pdl() -> bool:
+    if tl is None:
+        return False
     cuda = getattr(getattr(tl, 'extra', None), 'cuda', None)
     return cuda is not None and hasattr(cuda, 'gdc_wait') and hasattr(cuda,
                                                                       'gdc_launch_dependents')
@@ -44,16 +57,28 @@ def pdl_enabled(device: torch.device) -> bool:
     return on
 
 
+@contextlib.contextmanager
+def decode_scope(decode_only: bool):
+    """Kernels launched inside use PDL when `decode_only` (and the device supports it)."""
+    saved = _IN_DECODE_STEP[0]
+    _IN_DECODE_STEP[0] = bool(decode_only)
+    try:
+        yield
+    finally:
+        _IN_DECODE_STEP[0] = saved
+
+
 def launch_opts(device: torch.device) -> dict:
     """Launch keywords of a kernel that takes USE_PDL: pass as ``**launch_opts(dev)``."""
-    if pdl_enabled(device):
+    if _IN_DECODE_STEP[0] and pdl_enabled(device):
         return {'USE_PDL': True, 'launch_pdl': True}
     return {'USE_PDL': False}
 
 
-@triton.jit
-def pdl_enter(USE_PDL: tl.constexpr):
-    """Wait for the previous kernel's writes, then let the next kernel launch."""
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+if triton is not None:
+    @triton.jit
+    def pdl_enter(USE_PDL: tl.constexpr):
+        """Wait for the previous kernel's writes, then let the next kernel launch."""
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..config import EngineConfig
 from ..cuda_graph import MAX_MIXED_TOKENS
 from ..distributed import SingleRank
+from ..kernels.pdl import decode_scope
 from ..kv_cache import KVCache
 from ..step_input import StepInput
 from ..weights import ModelWeights
@@ -60,6 +61,10 @@ class LlamaModel:
         self.dense_prompts = getattr(kernels, 'impl', {}).get('prompt_attention') == 'cuda'
 
     def forward(self, step: StepInput, kv: KVCache) -> torch.Tensor:
+        with decode_scope(step.max_q_len == 1):  # PDL launches (kernels/pdl.py)
+            return self._forward(step, kv)
+
+    def _forward(self, step: StepInput, kv: KVCache) -> torch.Tensor:
         k, w = self.k, self.w
         D, hq, hkv = self.head_dim, self.hq, self.hkv
         T = step.num_tokens
