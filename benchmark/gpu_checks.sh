@@ -15,7 +15,8 @@
 #   b2long  B2 64:2048:2048 fp16 and int8 under the scheduler's admission check (~200 s)
 #   b4      B4 rate 4 against api_server with --no-jit_schedule and without (~150 s; the serving
 #           wheels must be installed, see gpu_b3_b4.sh); B4_RUNS="off on uv" adds a JIT run
-#           with uvloop + httptools (build/wheels-uvloop, carried) installed
+#           with uvloop + httptools (build/wheels-uvloop, carried) installed; the client is
+#           aiohttp, installed from build/wheels-aiohttp (carried) when that folder is there
 #   prefill profile_step.py on a lone 2048- and 512-token prompt: device idle inside the eager
 #           forward and its largest gaps; bench_kernels.py --only prefill, with the setup
 #           cost of a prompt length met for the first time (~90 s)
@@ -85,6 +86,9 @@ if want b2long 200; then
   say b2long
 fi
 if want b4 150; then
+  # profile_restful_api.py's default client (httpx when it is missing); no index on the device
+  [ -d "$ROOT/build/wheels-aiohttp" ] && { python3 -m pip install -q --no-index \
+    --find-links "$ROOT/build/wheels-aiohttp" aiohttp || say "aiohttp not installed: httpx"; }
   for jit in ${B4_RUNS:-off on}; do
     # "uv": JIT (the default) with uvloop + httptools installed (uvicorn's "auto" takes them)
     [ $jit = uv ] && { python3 -m pip install -q --no-index --find-links "$ROOT/build/wheels-uvloop" \

@@ -1,6 +1,7 @@
 """`api_server --dummy`: random weights, no tokenizer (byte-level stand-in), token-id prompts;
 what B4 runs against. Greedy output equals the in-process engine on the same seeded weights."""
 import json
+import socket
 import subprocess
 import sys
 
@@ -91,16 +92,73 @@ def test_cli_help_and_one_line_errors():
         'error: a byte-level tokenizer needs a vocabulary of at least 259 ids, got 256']
 
 
-def test_profile_restful_api_against_the_dummy_server(server, tmp_path):
+@pytest.mark.parametrize('client', ['aiohttp', 'httpx'])
+def test_profile_restful_api_against_the_dummy_server(server, tmp_path, capsys, client):
+    pytest.importorskip(client)
     from benchmark import profile_restful_api
+    from benchmark.profile_throughput import sample_synthetic
     out = tmp_path / 'b4.json'
     assert profile_restful_api.main(['synthetic', '--base_url', server, '--request_rate', '20',
                                      '--num_prompts', '4', '--vocab_size', '512',
-                                     '--max_seq_len', '120', '--no_progress',
+                                     '--max_seq_len', '120', '--no_progress', '--client', client,
                                      '--out', str(out)]) == 0
-    (r,) = json.loads(out.read_text())['results']
+    assert f'client {client}' in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data['client'] == client
+    (r,) = data['results']
     assert r['completed'] == 4 and r['errors'] == 0
-    assert 0 < r['ttft_ms_p50'] and 0 < r['itl_ms_p50'] <= r['itl_ms_p99']
+    assert 0 < r['ttft_ms_p50'] <= r['ttft_ms_p99'] and 0 < r['itl_ms_p50'] <= r['itl_ms_p99']
+    assert r['ttft_ms_p50'] < r['e2e_s_p50'] * 1000 and 0 < r['tpot_ms_p50']
+    # ignore_eos: every request streams its max_tokens, counted from the reported usage
+    wanted = sum(n for _, n in sample_synthetic(4, 512, 0, 120))
+    assert round(r['throughput_out_tok_s'] * r['elapsed_s']) == wanted
+
+
+def test_both_benchmark_clients_read_the_same_stream(server):
+    """aiohttp and httpx carry the bytes; tokens, chunk gaps and errors come out the same."""
+    pytest.importorskip('aiohttp')
+    import asyncio
+    import time
+    from benchmark import profile_restful_api as b4
+    greedy = {'model': 'llama2', 'prompt': PROMPT, 'max_tokens': 8, 'temperature': 0,
+              'ignore_eos': True, 'stream': True, 'stream_options': {'include_usage': True}}
+    invalid = dict(greedy, max_tokens=0)
+    unknown = dict(greedy, model='nope')
+
+    async def run(client, body, url=server):
+        transport = b4.CLIENTS[client]
+        async with transport.session() as session:
+            return await b4.one_request(transport, session, url + '/v1/completions', {}, body,
+                                        time.perf_counter())
+
+    def results(body, url=server):
+        return {c: asyncio.run(run(c, body, url)) for c in ('aiohttp', 'httpx')}
+
+    for client, (ttft, gaps, e2e, n, error) in results(greedy).items():
+        assert error is None and n == 8 and gaps, client
+        assert 0 < ttft <= e2e and all(g >= 0 for g in gaps), client
+    for body, status in ((invalid, 400), (unknown, 404)):
+        got = results(body)
+        assert got['aiohttp'] == got['httpx']
+        assert got['httpx'][:4] == (None, [], None, 0)
+        assert got['httpx'][4].startswith(f'{status}: {{"error"')
+    with socket.socket() as s:  # a port nobody listens on: the transport's exception, named
+        s.bind(('127.0.0.1', 0))
+        closed = f'http://127.0.0.1:{s.getsockname()[1]}'
+    for client, (*_, error) in results(greedy, closed).items():
+        assert error and 'Error' in error.split(':')[0], (client, error)
+
+
+def test_benchmark_client_flag(capsys, monkeypatch):
+    from benchmark import profile_restful_api as b4
+    with pytest.raises(SystemExit):
+        b4.parse_args(['--help'])
+    assert '--client {aiohttp,httpx}' in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, 'aiohttp', None)  # not installed: httpx
+    assert b4.default_client() == 'httpx'
+    with pytest.raises(SystemExit):
+        b4.parse_args(['synthetic', '--client', 'aiohttp'])
+    assert 'aiohttp is not installed' in capsys.readouterr().err
 
 
 def test_tensor_parallel_server_gives_the_same_tokens(reference):
