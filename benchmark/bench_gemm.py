@@ -271,7 +271,7 @@ def main(argv=None):
             for M in todo:
                 x = prob.xm(M)
                 ref = prob.cublas(M)[0]()
-                table = tlin.get_config(M, K, N, layout)
+                table = tlin.get_config(M, K, N, layout) or tlin.default_config(M, layout)
                 if pass_ == 1:
                     ms = graph_ms(prob.cublas(M), args.reps)
                     record(label, K, N, layout, M, 'cublas', None, ms, 0.0, prob)

@@ -72,7 +72,8 @@ def test_select_picks_linear_triton(monkeypatch):
 @pytest.mark.parametrize('K,N,layout', SHAPES)
 def test_real_shapes_fp16(K, N, layout, M):
     x = torch.randn(M, K, device=DEV, dtype=torch.float16)
-    check(x, weight(K, N, layout))
+    check(x, weight(K, N, layout), tlin.default_config(M, layout))
+    check(x, weight(K, N, layout))  # what the model runs: TUNED's config or cuBLAS
     assert counters_zero()
 
 
@@ -81,7 +82,7 @@ def test_real_shapes_fp16(K, N, layout, M):
                                         (4096, 32000, 'nk')])
 def test_real_shapes_bf16(K, N, layout, M):
     x = torch.randn(M, K, device=DEV, dtype=torch.bfloat16)
-    check(x, weight(K, N, layout, torch.bfloat16))
+    check(x, weight(K, N, layout, torch.bfloat16), tlin.default_config(M, layout))
 
 
 @pytest.mark.parametrize('cfg', [(False, 1, 128, 64, 1, 4, 3), (False, 1, 128, 64, 40, 4, 3),

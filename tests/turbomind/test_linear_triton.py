@@ -83,11 +83,12 @@ def run_case(name):
         for st in tlin._STATE.values():  # a partial read before it is written shows as NaN
             for buf in st['ws']:
                 buf.fill_(float('nan'))
-        o = linear_triton(x, w, cfg)
+        c = cfg or tlin.default_config(M, tlin.weight_layout(w))
+        o = linear_triton(x, w, c)
         ok &= o.dtype == dtype and o.shape == exact.shape
         errs.append(_rel_err(o, exact))
-        ok &= torch.equal(o, linear_triton(x, w, cfg))  # deterministic split-K order
-        if cfg is None and M > tlin.M_MAX:  # no table entry: cuBLAS
+        ok &= torch.equal(o, linear_triton(x, w, c))  # deterministic split-K order
+        if c is None:  # above the table: cuBLAS
             ok &= torch.equal(o, linear_ref(x, w))
     for st in tlin._STATE.values():  # the last split of every tile reset its counter
         ok &= int(st['cnt'].abs().sum()) == 0
@@ -143,8 +144,8 @@ LM_HEADS = [(4096, 32000), (4096, 128256)]
 @pytest.mark.parametrize('M', [1, 2, 4, 8, 16, 32, 64])
 def test_plans_at_real_shapes(M):
     """On a 132-SM device: every K tile is covered by exactly one split, no split is empty,
-    split-K scratch and counters stay within their caps, and the table covers M <= M_MAX
-    (above it: cuBLAS; the table's larger rows still serve explicit requests)."""
+    split-K scratch and counters stay within their caps, for TUNED's config (what the model
+    runs; None: cuBLAS) and DEFAULTS' (tests, sweeps; up to M_MAX)."""
     pytest.importorskip('triton')
     import torch
     import triton
@@ -154,22 +155,27 @@ def test_plans_at_real_shapes(M):
     tlin._SMS[dev] = 132  # host arithmetic only: no GPU needed
     for layout, shapes in (('kn', SHAPES), ('nk', LM_HEADS)):
         for K, N in shapes:
-            cfg = tlin.get_config(M, K, N, layout)
-            if M > tlin.M_MAX:
-                assert cfg is None, (layout, K, N, M)
-            if cfg is None:  # cuBLAS (above M_MAX, or a TUNED row of None)
-                assert M > tlin.M_MAX or tlin.TUNED.get((layout, K, N, tlin.m_bucket(M)),
-                                                        0) is None, (layout, K, N, M)
-                cfg = next(c for m, c in tlin.DEFAULTS[layout] if M <= m)
-            (gn, gs, gm), split, iters = tlin.plan(M, K, N, cfg, dev)
-            k_iters = triton.cdiv(K, cfg.block_k)
-            assert gs == split and (split - 1) * iters < k_iters <= split * iters
-            assert split <= tlin.MAX_SPLIT
-            assert split == 1 or split * M * N * 4 <= tlin._WS_BYTES
-            assert split == 1 or gn * gm <= tlin._NUM_COUNTERS
-            if layout == 'kn' and M == 1 and not cfg.split_k:  # the decode GEMMs fill the GPU
-                assert gn * gm * split >= 2 * 132, (K, N, gn, split)
+            tuned = tlin.get_config(M, K, N, layout)
+            assert tuned == tlin.TUNED.get((layout, K, N, tlin.m_bucket(M))), (layout, K, N, M)
+            for cfg in filter(None, (tuned, tlin.default_config(M, layout))):
+                check_plan(M, K, N, layout, cfg, dev)
     assert tlin.get_config(tlin.M_MAX + 1, 4096, 4096, 'kn') is None
+    assert tlin.default_config(tlin.M_MAX + 1, 'kn') is None
+    assert tlin.get_config(1, 4096, 1234, 'kn') is None  # not measured: cuBLAS
+
+
+def check_plan(M, K, N, layout, cfg, dev):
+    import triton
+
+    from lmdeploy.turbomind.kernels import triton_linear as tlin
+    (gn, gs, gm), split, iters = tlin.plan(M, K, N, cfg, dev)
+    k_iters = triton.cdiv(K, cfg.block_k)
+    assert gs == split and (split - 1) * iters < k_iters <= split * iters
+    assert split <= tlin.MAX_SPLIT
+    assert split == 1 or split * M * N * 4 <= tlin._WS_BYTES
+    assert split == 1 or gn * gm <= tlin._NUM_COUNTERS
+    if layout == 'kn' and M == 1 and not cfg.split_k:  # the decode GEMMs fill the GPU
+        assert gn * gm * split >= 2 * 132, (K, N, gn, split)
 
 
 def test_select_registers_linear():

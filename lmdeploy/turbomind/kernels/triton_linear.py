@@ -25,10 +25,10 @@ before waiting for the previous kernel, so a decode step's small kernels (norms,
 attention combine) and the launch gaps between them overlap the weight stream, which cuBLAS
 launches cannot do.
 
-Configs: `TUNED` (per shape and M bucket, from benchmark/bench_gemm.py on the H100) first,
-then `DEFAULTS` by M; a config of None, or M > M_MAX, runs torch.matmul (cuBLAS): alone, cuBLAS
-is as fast or faster from M = 16 (bench_gemm, NOTES.md). ``LMDEPLOY_TRITON_LINEAR=0`` sends
-every shape to cuBLAS (A/B runs).
+Configs: only `TUNED` rows (per shape and M bucket, from benchmark/bench_gemm.py on the H100)
+run this kernel; a row of None, or a shape without a row, runs torch.matmul (cuBLAS). `DEFAULTS`
+by M are untuned starting points for tests, benchmarks and sweeps (`default_config`).
+``LMDEPLOY_TRITON_LINEAR=0`` sends every shape to cuBLAS (A/B runs).
 """
 import os
 from collections import namedtuple
@@ -43,7 +43,7 @@ from .pdl import launch_opts, pdl_enter
 Cfg = namedtuple('Cfg', 'use_dot block_m block_n block_k split_k num_warps num_stages')
 # split_k 0: chosen from the shape (`_auto_split`)
 
-M_MAX = 4  # above: cuBLAS (measured faster alone at M 16-64; prefill is FLOP-bound)
+M_MAX = 64  # DEFAULTS' reach (from ~64 tokens the GEMM stops being weight-bound)
 WAVES = 4  # target programs per SM: a split's first tile latency hides behind the others
 MIN_ITERS = 4  # K tiles per split at least, so the pipeline has something to stream
 MAX_SPLIT = 64
@@ -257,19 +257,20 @@ def m_bucket(M: int) -> int:
     return 1 << max(0, M - 1).bit_length()
 
 
+def default_config(M: int, layout: str) -> Optional[Cfg]:
+    """The untuned config for M rows (tests and benchmarks; None above M_MAX)."""
+    if M > M_MAX or layout not in DEFAULTS:
+        return None
+    return next((cfg for m_max, cfg in DEFAULTS[layout] if M <= m_max), None)
+
+
 def get_config(M: int, K: int, N: int, layout: str) -> Optional[Cfg]:
-    """The config for this shape, or None: run torch.matmul."""
-    if not _ENABLED:
+    """TUNED's config for this shape and M bucket, or None: torch.matmul (cuBLAS). Shapes not
+    measured go to cuBLAS: an untuned tile can be several times slower (the LM head of a
+    prompt graph, M = 2, took ~0.5 ms with DEFAULTS' guess)."""
+    if not _ENABLED or layout is None:
         return None
-    key = (layout, K, N, m_bucket(M))
-    if key in TUNED:
-        return TUNED[key]
-    if M > M_MAX or layout is None:
-        return None
-    for m_max, cfg in DEFAULTS[layout]:
-        if M <= m_max:
-            return cfg
-    return None
+    return TUNED.get((layout, K, N, m_bucket(M)))
 
 
 def _auto_split(tiles: int, k_iters: int, sms: int) -> int:
