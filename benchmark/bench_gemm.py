@@ -2,7 +2,11 @@
 kernel (lmdeploy/turbomind/kernels/triton_linear.py); prints a table, writes JSON.
 
     python3 benchmark/bench_gemm.py --out gemm.json [--ms 1,2,4,8,16,32,64] [--budget 90]
+                                    [--layer_layouts kn,nk]
                                     [--no-sweep] [--no-total] [--models llama2-7b,llama3-8b]
+
+M >= 128 (B4's mixed steps pad a ~220-token prompt to 224-256 rows, where cuBLAS runs at ~450
+TFLOP/s: 96 CTAs on 132 SMs) sweeps tensor-core tiles, e.g. `--ms 224,256 --no-total`.
 
 Shapes: the Llama-2-7B and Llama-3-8B projections at tp=1, fp16: qkv, wo, w13, w2 (the
 workspace's [in, out] weights, x @ w) and the LM head (F.linear(x, output); Triton gets the
@@ -47,13 +51,15 @@ DTYPE = torch.float16
 DEV = 'cuda'
 
 
-def shapes(models):
-    """Unique (K, N, layout) -> label, e.g. 'llama2-7b.qkv'."""
+def shapes(models, layer_layouts=('kn',)):
+    """Unique (K, N, layout) -> label, e.g. 'llama2-7b.qkv'; the layer projections in each of
+    `layer_layouts` ('nk': stored [out, in], K contiguous, labelled 'qkv[nk]')."""
     out = {}
     for model in models:
         for name, (K, N) in MODELS[model].items():
-            key = (K, N, 'nk' if name == 'lm_head' else 'kn')
-            out.setdefault(key, []).append(f'{model}.{name}')
+            for layout in (('nk',) if name == 'lm_head' else layer_layouts):
+                tag = '' if name == 'lm_head' or layout == 'kn' else f'[{layout}]'
+                out.setdefault((K, N, layout), []).append(f'{model}.{name}{tag}')
     return {k: '+'.join(v) for k, v in out.items()}
 
 
@@ -67,7 +73,13 @@ def candidates(M, layout, K, N, table_cfg):
     b = tlin.m_bucket(M)
     dot16 = [C(True, 16, 64, 128, 0, 4, 4), C(True, 16, 128, 64, 0, 4, 4),
              C(True, 16, 64, 64, 0, 4, 3), C(True, 16, 128, 128, 0, 8, 3)]
-    if layout == 'kn':
+    # M >= 128 (a mixed step's prompt tokens): FLOP-bound, tensor-core tiles; split 1 = none
+    mid = [C(True, 128, 128, 64, 1, 8, 3), C(True, 128, 128, 64, 0, 8, 3),
+           C(True, 128, 256, 64, 1, 8, 3), C(True, 64, 256, 64, 1, 8, 3),
+           C(True, 128, 128, 64, 2, 8, 4)]
+    if b >= 128:
+        tiles = mid
+    elif layout == 'kn':
         if b == 1:
             tiles = [C(False, 1, 128, 64, 0, 4, 4), C(False, 1, 128, 64, 0, 4, 1),
                      C(False, 1, 256, 32, 0, 4, 3), C(False, 1, 64, 128, 0, 4, 3),
@@ -205,6 +217,10 @@ def main(argv=None):
     ap.add_argument('--reps', type=int, default=10, help='graph replays per timing')
     ap.add_argument('--no-sweep', action='store_true', help='cuBLAS and the table only')
     ap.add_argument('--no-total', action='store_true', help='skip the per-token totals')
+    ap.add_argument('--layer_layouts', default='kn',
+                    help="layouts of the layer projections: 'kn' (the workspace's [in, out]), "
+                         "'nk' ([out, in], K contiguous, as the LM head; cuBLAS then runs "
+                         "F.linear), or 'kn,nk' for both")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit('bench_gemm.py needs a CUDA GPU')
@@ -227,7 +243,7 @@ def main(argv=None):
     def say(line=''):
         print(line, flush=True)
         summary.append(line)
-    shp = shapes(models)
+    shp = shapes(models, args.layer_layouts.split(','))
     rows = []
     cublas_us, best = {}, {}  # (K, N, layout, M) -> us; -> (us, cfg) of the fastest Triton
 
