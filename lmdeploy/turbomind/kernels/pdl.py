@@ -23,6 +23,7 @@ before.
 """
 import contextlib
 import os
+import threading
 
 import torch
 
@@ -33,7 +34,7 @@ except ImportError:  # no Triton: only decode_scope is used (by the model)
     triton = tl = None
 
 _ENABLED = {}
-_IN_DECODE_STEP = [False]  # set by decode_scope around a decode-only forward
+_STEP = threading.local()  # .decode_only: set by decode_scope around a decode-only forward
 
 
 def _triton_has_pdl() -> bool:
@@ -60,17 +61,17 @@ def pdl_enabled(device: torch.device) -> bool:
 @contextlib.contextmanager
 def decode_scope(decode_only: bool):
     """Kernels launched inside use PDL when `decode_only` (and the device supports it)."""
-    saved = _IN_DECODE_STEP[0]
-    _IN_DECODE_STEP[0] = bool(decode_only)
+    saved = getattr(_STEP, 'decode_only', False)
+    _STEP.decode_only = bool(decode_only)
     try:
         yield
     finally:
-        _IN_DECODE_STEP[0] = saved
+        _STEP.decode_only = saved
 
 
 def launch_opts(device: torch.device) -> dict:
     """Launch keywords of a kernel that takes USE_PDL: pass as ``**launch_opts(dev)``."""
-    if _IN_DECODE_STEP[0] and pdl_enabled(device):
+    if getattr(_STEP, 'decode_only', False) and pdl_enabled(device):
         return {'USE_PDL': True, 'launch_pdl': True}
     return {'USE_PDL': False}
 
