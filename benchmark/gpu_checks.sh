@@ -33,6 +33,12 @@
 #           launch them (hint = session_len) (~90 s)
 #   rows14  profile_step.py on decode-only steps of 1 and 4 rows (B1's and B4's) (~40 s)
 #   b3      B3 in-process, 3000 synthetic prompts at concurrency 256, B3_LIMIT s (90) (~140 s)
+#   pdltests GPU tests of the kernels PDL touches: test_pdl_gpu, test_kv_int8_gpu,
+#           test_kernels_gpu (~150 s)
+#   gemv    bench_gemm.py at M 1-64 with the layer weights also stored [out, in] (K
+#           contiguous): does the Triton GEMV beat cuBLAS there? (~120 s)
+#   mid     bench_gemm.py at M 224 and 256 (B4's mixed steps): tensor-core tiles vs cuBLAS
+#           (~100 s)
 #
 # TREE=build/snap runs every phase from a snapshot of another branch (git archive BRANCH
 # lmdeploy benchmark tests | tar -x -C build/snap; carry it): the C++ extension built here is
@@ -171,5 +177,21 @@ if want b3 $((${B3_LIMIT:-90} + 50)); then
     --no_progress --engine_timing --time_limit "${B3_LIMIT:-90}" --out "$OUT/b3.json" 2>&1 |
     grep -E "Throughput|elapsed|time limit|steps" | cut -c1-300
   say b3
+fi
+if want pdltests 150; then
+  # the GPU tests of the kernels PDL touches, int8 included (not yet run with PDL on)
+  t python3 -m pytest -q tests/gpu/test_pdl_gpu.py tests/gpu/test_kv_int8_gpu.py \
+    tests/gpu/test_kernels_gpu.py >"$OUT/pdl_tests.log" 2>&1
+  tail -3 "$OUT/pdl_tests.log"; say pdltests
+fi
+if want gemv 120; then
+  t python3 benchmark/bench_gemm.py --ms 1,4,16,64 --models llama2-7b --layer_layouts kn,nk \
+    --no-total --budget 80 --out "$OUT/gemv_layouts.json" >"$OUT/gemv_layouts.log" 2>&1
+  sed -n '/^shape /,$p' "$OUT/gemv_layouts.log" | cut -c1-160 | head -50; say gemv
+fi
+if want mid 100; then
+  t python3 benchmark/bench_gemm.py --ms 224,256 --models llama2-7b --no-total --budget 70 \
+    --out "$OUT/gemm_mid.json" >"$OUT/gemm_mid.log" 2>&1
+  sed -n '/^shape /,$p' "$OUT/gemm_mid.log" | cut -c1-160 | head -20; say mid
 fi
 say done
