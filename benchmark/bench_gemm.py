@@ -84,7 +84,9 @@ def candidates(M, layout, K, N, table_cfg):
             tiles = [C(False, 1, 128, 64, 0, 4, 4), C(False, 1, 128, 64, 0, 4, 1),
                      C(False, 1, 256, 32, 0, 4, 3), C(False, 1, 64, 128, 0, 4, 3),
                      C(False, 1, 128, 128, 0, 8, 3), C(False, 1, 256, 64, 0, 8, 2),
-                     C(False, 1, 64, 64, 0, 2, 4)] + dot16[:2]
+                     C(False, 1, 64, 64, 0, 2, 4),
+                     # 1 KiB row segments, as the K-contiguous LM head's (3.07 TB/s there)
+                     C(False, 1, 512, 16, 0, 4, 3), C(False, 1, 512, 32, 0, 8, 3)] + dot16[:2]
         elif b == 2:
             tiles = [C(False, 2, 64, 64, 0, 4, 3), C(False, 2, 256, 32, 0, 8, 3)] + dot16[:3]
         elif b == 4:
