@@ -10,15 +10,12 @@ wrongly, so attention is checked in fp32 and fp16 only; the element-wise kernels
     PYTHONPATH=. TRITON_INTERPRET=1 python tests/turbomind/test_kernels_triton.py [case ...]
 """
 import importlib
-import json
-import os
-import subprocess
 import sys
-import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.turbomind.interpreter_cases import check_result, interpreter_results, run_cases
+
 
 # name -> parameters; pure data so pytest can collect without importing triton.
 # attention rows: (num_cached, q_len); q_len 1 rows first are decode rows.
@@ -358,42 +355,18 @@ def run_case(name):
 
 
 def _main(names):
-    assert os.environ.get('TRITON_INTERPRET') == '1', 'run with TRITON_INTERPRET=1'
-    for name in names:
-        t0 = time.time()
-        try:
-            ok, msg = run_case(name)
-        except Exception as e:  # report, keep going
-            import traceback
-            ok, msg = False, f'{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}'
-        print(json.dumps({'case': name, 'ok': ok, 'msg': msg,
-                          'seconds': round(time.time() - t0, 2)}), flush=True)
+    run_cases(run_case, names)
 
 
 # ----------------------------------------------------------------------------- pytest side
 @pytest.fixture(scope='module')
 def interp_results():
-    pytest.importorskip('triton')
-    env = dict(os.environ, TRITON_INTERPRET='1', PYTHONPATH=ROOT + os.pathsep
-               + os.environ.get('PYTHONPATH', ''))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    results = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith('{'):
-            r = json.loads(line)
-            results[r['case']] = r
-    if not results:
-        pytest.fail(f'interpreter subprocess produced nothing (rc {proc.returncode}):\n'
-                    f'{proc.stderr[-4000:]}')
-    return results
+    return interpreter_results(__file__)
 
 
 @pytest.mark.parametrize('case', list(CASES))
 def test_triton_kernel_matches_reference(interp_results, case):
-    r = interp_results.get(case)
-    assert r is not None, f'{case}: no result (subprocess died?)'
-    assert r['ok'], f"{case}: {r['msg']}"
+    check_result(interp_results, case)
 
 
 def test_every_op_exports_a_device_kernel():
