@@ -2,12 +2,10 @@
 with TRITON_INTERPRET=1 (the interpreter must be on before triton is imported), one JSON line
 per case, and pytest reads the lines back.
 
-    def _main(names):                      # the file's __main__, inside the subprocess
-        run_cases(run_case, names)
+    interp_results, test_my_kernels = case_tests(__file__, CASES)   # the pytest side
 
-    @pytest.fixture(scope='module')
-    def interp_results():
-        return interpreter_results(__file__)
+    if __name__ == '__main__':             # inside the subprocess
+        run_cases(run_case, sys.argv[1:] or list(CASES))
 """
 import json
 import os
@@ -53,7 +51,16 @@ def interpreter_results(test_file: str) -> dict:
     return results
 
 
-def check_result(results: dict, case: str):
-    r = results.get(case)
-    assert r is not None, f'{case}: no result (subprocess died?)'
-    assert r['ok'], f"{case}: {r['msg']}"
+def case_tests(test_file: str, cases):
+    """(fixture, test) for a test file's module namespace: the fixture runs the file's cases
+    in the interpreter once per module; the test is parametrized by case name."""
+    @pytest.fixture(scope='module')
+    def interp_results():
+        return interpreter_results(test_file)
+
+    @pytest.mark.parametrize('case', list(cases))
+    def test_case(interp_results, case):
+        r = interp_results.get(case)
+        assert r is not None, f'{case}: no result (subprocess died?)'
+        assert r['ok'], f"{case}: {r['msg']}"
+    return interp_results, test_case

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.turbomind.interpreter_cases import check_result, interpreter_results, run_cases
+from tests.turbomind.interpreter_cases import case_tests, run_cases
 
 
 # name -> parameters; pure data so pytest can collect without importing triton.
@@ -354,19 +354,8 @@ def run_case(name):
     return ok, f'rel_err={err:.2e} tol={tol:.0e}'
 
 
-def _main(names):
-    run_cases(run_case, names)
-
-
-# ----------------------------------------------------------------------------- pytest side
-@pytest.fixture(scope='module')
-def interp_results():
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize('case', list(CASES))
-def test_triton_kernel_matches_reference(interp_results, case):
-    check_result(interp_results, case)
+# the pytest side: every case in the interpreter (one subprocess), one test per case
+interp_results, test_triton_kernel_matches_reference = case_tests(__file__, CASES)
 
 
 def test_every_op_exports_a_device_kernel():
@@ -380,4 +369,4 @@ def test_every_op_exports_a_device_kernel():
 
 
 if __name__ == '__main__':
-    _main(sys.argv[1:] or list(CASES))
+    run_cases(run_case, sys.argv[1:] or list(CASES))

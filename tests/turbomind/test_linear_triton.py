@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.turbomind.interpreter_cases import check_result, interpreter_results, run_cases
+from tests.turbomind.interpreter_cases import case_tests, run_cases
 
 
 # name -> parameters (pure data). cfg: Cfg fields (use_dot, block_m, block_n, block_k,
@@ -94,19 +94,8 @@ def run_case(name):
             f'rel_err={err:.2e} (kn {errs[0]:.1e}, nk {errs[1]:.1e}) tol={tol:.1e}')
 
 
-def _main(names):
-    run_cases(run_case, names)
-
-
-# ----------------------------------------------------------------------------- pytest side
-@pytest.fixture(scope='module')
-def interp_results():
-    return interpreter_results(__file__)
-
-
-@pytest.mark.parametrize('case', list(CASES))
-def test_linear_triton_matches_reference(interp_results, case):
-    check_result(interp_results, case)
+# the pytest side: every case in the interpreter (one subprocess), one test per case
+interp_results, test_linear_triton_matches_reference = case_tests(__file__, CASES)
 
 
 SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096), (4096, 6144),
@@ -158,4 +147,4 @@ def test_select_registers_linear():
 
 
 if __name__ == '__main__':
-    _main(sys.argv[1:] or list(CASES))
+    run_cases(run_case, sys.argv[1:] or list(CASES))
