@@ -5,8 +5,9 @@
 returns ``x @ w`` in x's dtype, accumulated in fp32. w is either the [in, out] weight as the
 workspace stores it (N contiguous) or the transposed view of an [out, in] matrix (K
 contiguous: ``linear(x, output.t()) == F.linear(x, output)`` for the LM head), without a copy.
-The Triton kernel (triton_linear.py) streams the weight for small M (decode) and calls
-torch.matmul (cuBLAS) above its M threshold, so a caller can always use it.
+The Triton kernel (triton_linear.py) streams the weight for the shapes its TUNED table
+measured faster (decode rows) and calls torch.matmul (cuBLAS) for every other shape, so a
+caller can always use it.
 """
 import torch
 

@@ -15,8 +15,9 @@
         h'    = all_reduce(silu_and_mul(x @ w13) @ w2)
     x = rms_norm(h' + h, norm)[sample_idx]
     logits = all_gather(x @ output_r.T)  fp32            [S, V]
-Every `x @ w` is `kernels.linear` (on CUDA, for a few rows: the Triton weight-streaming GEMV,
-launched with PDL; cuBLAS otherwise).
+Every `x @ w` is `kernels.linear` (on CUDA: the Triton weight-streaming GEMV for the shapes
+triton_linear.TUNED measured faster, cuBLAS otherwise). Decode-only steps launch the Triton
+kernels with PDL (kernels/pdl.py).
 
 Tensor parallel (`comm`, see distributed.py; default: one rank, identities): `weights` holds one
 rank's heads, FFN slice and vocab slice of the LM head (`output_r` = rows [r V/tp, (r+1) V/tp),
