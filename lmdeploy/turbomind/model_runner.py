@@ -45,7 +45,7 @@ from .kv_cache import KVCache, kv_quant_mode
 from .kv_scales import load_kv_scales
 from .models import build_model
 from .sampler_graphs import COMMON_MODES, SamplerGraphs
-from .sampling import Sampler
+from .sampling import RequestRng, Sampler, SamplingParams
 from .step_input import RowPlan, StepInput, build_step_input
 from .weights import load_weights
 
@@ -254,6 +254,11 @@ class ModelRunner:
         graphs = SamplerGraphs(Sampler(kernels=self.kernels), cfg.vocab_size, self.device,
                                cfg.max_batch_size, out_dtype=torch.int32)
         graphs.capture(graphs.keys(COMMON_MODES))
+        # all-greedy batches sample eagerly: compile their kernel now, not in a request
+        logits = torch.zeros(1, cfg.vocab_size, device=self.device)
+        for bad in ((), (0,)):
+            params = SamplingParams(top_k=1, bad_words=bad)
+            graphs.sampler.sample(logits, [params], [RequestRng(0)])
         torch.cuda.synchronize(self.device)
         self.memory['sampler_graphs'] = graphs.input_bytes + graphs.pool_bytes()
         logger.info('captured %d sampler graphs (row buckets %s), %.1f MiB', graphs.captures,

@@ -373,3 +373,19 @@ def test_engine_without_cuda_graphs_samples_eagerly(workspace):
                    max_batch_size=8, cuda_graph=False) as tm:
         assert type(tm.engine.sampler) is Sampler and tm.engine.runner.sampler_graphs is None
         assert tm.engine.runner.memory.get('sampler_graph_reserve', 0) == 0
+
+
+def test_requests_after_start_up_compile_no_sampler_kernel(tm_llama):
+    """The sampling kernel's variants exist once the engine is up: greedy (eager) and sampled
+    requests with 0-8 bad words each (ignore_eos among them) compile nothing in a request."""
+    from lmdeploy.turbomind import kernels
+    before = kernels.compiled_variants()
+    assert before > 0
+    for n_bad in (0, 1, 3, 8):
+        for params in ({'top_k': 1}, ENGINE_PARAMS['temperature'], ENGINE_PARAMS['top_p']):
+            for _ in tm_llama.create_instance().stream_infer(
+                    90 + n_bad, PROMPTS[0], request_output_len=4, sequence_start=True,
+                    sequence_end=True, random_seed=5, bad_words=list(range(3, 3 + n_bad)),
+                    **params):
+                pass
+    assert kernels.compiled_variants() == before

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+MIN_W_BLOCK = 8  # bad-word widths 1..8 (ignore_eos's 1 among them) share one compiled kernel
+
 
 @triton.jit
 def _banned(offs, BAD, W, W_BLOCK: tl.constexpr):
@@ -32,7 +34,9 @@ def _uniform(key, counter):
     return ((z >> 41).to(tl.float32) + 0.5) * (1.0 / 8388608)  # the top 23 bits
 
 
-@triton.jit
+# W and its stride vary with the request's bad words: not specialised (an int equal to 1 or a
+# multiple of 16 would otherwise compile a variant of its own inside some request's latency)
+@triton.jit(do_not_specialize=['stride_bad', 'W'])
 def _sample_kernel(X, stride_x, V, BAD, stride_bad, W, TEMP, GREEDY, KEYS, COUNTERS, OUT,
                    HAS_BAD: tl.constexpr, DRAW: tl.constexpr, HAS_TEMP: tl.constexpr,
                    HAS_GREEDY: tl.constexpr, W_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
@@ -114,6 +118,6 @@ def sample_tokens_triton(logits: torch.Tensor, bad_ids: Optional[torch.Tensor] =
         temperature if has_temp else out, greedy if has_greedy else out,
         keys if draw else out, counters if draw else out, out,
         HAS_BAD=has_bad, DRAW=draw, HAS_TEMP=has_temp, HAS_GREEDY=has_greedy,
-        W_BLOCK=max(2, triton.next_power_of_2(W)), BLOCK=2048 if V >= 2048 else
+        W_BLOCK=max(MIN_W_BLOCK, triton.next_power_of_2(W)), BLOCK=2048 if V >= 2048 else
         max(16, triton.next_power_of_2(V)), num_warps=8 if V >= 2048 else 4)
     return out
