@@ -8,6 +8,7 @@ chunk sums are fp32 like the reference's cumsum, in another order, so a draw wit
 a boundary may differ; a draw past the last id (rounding between the two passes) takes the
 last id with probability > 0.
 """
+import inspect
 from typing import Optional
 
 import torch
@@ -34,9 +35,16 @@ def _uniform(key, counter):
     return ((z >> 41).to(tl.float32) + 0.5) * (1.0 / 8388608)  # the top 23 bits
 
 
-# W and its stride vary with the request's bad words: not specialised (an int equal to 1 or a
-# multiple of 16 would otherwise compile a variant of its own inside some request's latency)
-@triton.jit(do_not_specialize=['stride_bad', 'W'])
+# Not specialised, so that no request compiles a variant of its own inside its latency: W and
+# its stride vary with the request's bad words (an int equal to 1, or a multiple of 16, is a
+# variant otherwise), and the keys / counters are rows of a packed [3, S] tensor (16-byte
+# aligned or not with S). Triton versions without the alignment switch specialise on it.
+_UNSPECIALISED = {'do_not_specialize': ['stride_bad', 'W']}
+if 'do_not_specialize_on_alignment' in inspect.signature(triton.jit).parameters:
+    _UNSPECIALISED['do_not_specialize_on_alignment'] = ['stride_bad', 'W', 'KEYS', 'COUNTERS']
+
+
+@triton.jit(**_UNSPECIALISED)
 def _sample_kernel(X, stride_x, V, BAD, stride_bad, W, TEMP, GREEDY, KEYS, COUNTERS, OUT,
                    HAS_BAD: tl.constexpr, DRAW: tl.constexpr, HAS_TEMP: tl.constexpr,
                    HAS_GREEDY: tl.constexpr, W_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
