@@ -363,8 +363,13 @@ def test_pacer_estimates_lean_safe():
     assert pacer.delay(running, 10.0) is None  # no host estimate yet
     pacer.add_host('decode', 0.001)
     assert pacer.delay(running, 10.0) == pytest.approx(0.010 - 0.001 - pacer.MARGIN)
-    pacer.add_device(('decode', 4), 0.012)  # the shortest recent duration, the longest host
+    pacer.add_device(('decode', 4), 0.012)  # the shortest recent duration, the median host
     pacer.add_host('decode', 0.002)
+    pacer.add_host('decode', 0.0015)
+    assert pacer.delay(running, 10.0) == pytest.approx(0.010 - 0.0015 - pacer.MARGIN)
+    for _ in range(pacer.SAMPLES):  # only the last SAMPLES count
+        pacer.add_host('decode', 0.002)
+    pacer.add_host('decode', 0.006)  # one hiccup does not move the estimate
     assert pacer.delay(running, 10.0) == pytest.approx(0.010 - 0.002 - pacer.MARGIN)
     # a prompt's long eager launch counts for mixed steps only, not for the decode steps
     pacer.add_host('mixed', 0.009)
