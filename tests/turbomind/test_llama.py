@@ -133,3 +133,25 @@ def test_half_precision_runs_on_cpu(workspace, dtype):
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     rel = (got - ref).norm() / ref.norm()
     assert rel < (0.01 if dtype == 'fp16' else 0.05), f'relative error {rel}'
+
+
+@pytest.mark.parametrize('variant', ['internlm', 'gqa'])  # qkv bias; grouped KV heads
+def test_dense_prompt_path_equals_paged(workspace, variant):
+    """The dense path of one fresh long prompt (CUDA's cuDNN SDPA path, here with the
+    reference kernels: q, k, v as three GEMMs over w_qkv's column blocks, then
+    prompt_attention) gives the paged path's logits and stores the same KV."""
+    from lmdeploy.turbomind.models.llama import DENSE_PROMPT_MIN_TOKENS
+    ids = prompt(DENSE_PROMPT_MIN_TOKENS + 3, seed=12)
+    out = {}
+    for dense in (False, True):
+        runner = make_runner(workspace(variant), block_size=16,
+                             num_blocks=-(-len(ids) // 16) + 1, session_len=len(ids) + 16)
+        runner.model.dense_prompts = dense
+        calls = []
+        attend = runner.model.k.prompt_attention
+        runner.model.k.prompt_attention = lambda *a: calls.append(1) or attend(*a)
+        logits = full_prompt_logits(runner, ids)
+        assert len(calls) == (runner.cfg.num_layer if dense else 0)
+        out[dense] = logits, runner.kv_cache.pool.clone()
+    assert (out[True][0] - out[False][0]).abs().max().item() < ATOL
+    assert torch.allclose(out[True][1], out[False][1], atol=1e-5)

@@ -8,8 +8,9 @@
                                                            rotary_dim) of q, k; store k, v at
                                                            slot_mapping (int8 KV: quantised)
         o     = paged_attention(q, pool[layer], ...)       [T, hq, D] (int8: dequantised inside)
-                (one fresh prompt over 1024 tokens, on CUDA: rotary, store_kv, then
-                 prompt_attention(q, k, v), torch's SDPA; kernels/prompt_attention.py)
+                (one fresh prompt over 1024 tokens, on CUDA: q, k, v as three GEMMs, rotary,
+                 store_kv, then prompt_attention(q, k, v), torch's SDPA;
+                 kernels/prompt_attention.py)
         h'    = all_reduce(o @ wo) (+ b_o)                 b_o added once, after the reduce
         x, h  = rms_norm(h', ffn_norm, residual=h)
         h'    = all_reduce(silu_and_mul(x @ w13) @ w2)
@@ -83,20 +84,27 @@ class LlamaModel:
                 x = k.rms_norm(h, lw.attention_norm, self.eps)
             else:
                 x, residual = k.rms_norm(h, lw.attention_norm, self.eps, residual)
-            qkv = k.linear(x, lw.w_qkv)
-            if lw.b_qkv is not None:
-                qkv = qkv + lw.b_qkv
-            q, kk, v = qkv.split([hq * D, hkv * D, hkv * D], dim=-1)
-            q = q.reshape(T, hq, D)
-            kk = kk.reshape(T, hkv, D)
-            v = v.reshape(T, hkv, D)
+            widths = [hq * D, hkv * D, hkv * D]
+            if fresh_prompt:
+                # q, k and v from three GEMMs over w_qkv's column blocks: contiguous [T, heads,
+                # D], as cuDNN's SDPA needs for its ragged path (one plan for every prompt
+                # length instead of one, 55-68 ms on the H100, per length met; see
+                # prompt_attention.py), without copying views of one fused output (three
+                # copies of ~16 MB per layer at 2048 tokens)
+                parts = [k.linear(x, wc) for wc in lw.w_qkv.split(widths, dim=-1)]
+                if lw.b_qkv is not None:
+                    parts = [p + b for p, b in zip(parts, lw.b_qkv.split(widths))]
+            else:
+                qkv = k.linear(x, lw.w_qkv)
+                if lw.b_qkv is not None:
+                    qkv = qkv + lw.b_qkv
+                parts = qkv.split(widths, dim=-1)
+            q = parts[0].reshape(T, hq, D)
+            kk = parts[1].reshape(T, hkv, D)
+            v = parts[2].reshape(T, hkv, D)
             k_cache, v_cache = kv.layer(i)
             qp = kv.qparams(i)  # int8 KV scales (None for float KV)
             if fresh_prompt:
-                # contiguous [T, heads, D] (not views of the qkv output): cuDNN's SDPA then
-                # takes its ragged path, one plan for every prompt length, instead of building
-                # a plan (55-68 ms on the H100) per length met (prompt_attention.py)
-                q, kk, v = q.contiguous(), kk.contiguous(), v.contiguous()
                 q, kk = k.rotary_embedding(q, kk, step.positions, self.rotary_dim, self.theta)
                 k.store_kv(kk, v, k_cache, v_cache, step.slot_mapping, qp)
                 o = k.prompt_attention(q, kk, v, self.scale)
