@@ -59,19 +59,16 @@ _NUM_COUNTERS = 1 << 16
 # - M 3-64 tl.dot with BLOCK_M = 16/32/64 (mma needs 16 rows); the weight tile goes through
 #   shared memory by cp.async, num_stages deep.
 # - LM head (w = output.t(), K contiguous): long rows along K (256 x 2 B = 512 B per row).
+_DOT_ROWS = ((16, Cfg(True, 16, 64, 128, 0, 4, 4)),  # both layouts: the tile goes through
+             (32, Cfg(True, 32, 64, 128, 0, 4, 4)),  # shared memory either way
+             (64, Cfg(True, 64, 64, 64, 0, 4, 4)))
 DEFAULTS = {
     'kn': ((1, Cfg(False, 1, 128, 64, 0, 4, 3)),
            (2, Cfg(False, 2, 128, 32, 0, 4, 3)),
-           (4, Cfg(False, 4, 64, 32, 0, 4, 3)),
-           (16, Cfg(True, 16, 64, 128, 0, 4, 4)),
-           (32, Cfg(True, 32, 64, 128, 0, 4, 4)),
-           (64, Cfg(True, 64, 64, 64, 0, 4, 4))),
+           (4, Cfg(False, 4, 64, 32, 0, 4, 3))) + _DOT_ROWS,
     'nk': ((1, Cfg(False, 1, 32, 256, 0, 4, 3)),
            (2, Cfg(False, 2, 32, 128, 0, 4, 3)),
-           (4, Cfg(False, 4, 16, 128, 0, 4, 3)),
-           (16, Cfg(True, 16, 64, 128, 0, 4, 4)),
-           (32, Cfg(True, 32, 64, 128, 0, 4, 4)),
-           (64, Cfg(True, 64, 64, 64, 0, 4, 4))),
+           (4, Cfg(False, 4, 16, 128, 0, 4, 3))) + _DOT_ROWS,
 }
 # (layout, K, N, M bucket) -> Cfg, or None for cuBLAS; bench_gemm.py prints these rows.
 # Llama-2-7B shapes, H100, `bench_gemm.py --ms 1,4 --models llama2-7b` (session 8), us alone
