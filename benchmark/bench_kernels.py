@@ -301,6 +301,46 @@ def bench_prompt_first_calls(lengths=(2048, 600, 601, 777, 1000, 2048, 600), hq=
         seen.add(n)
 
 
+def bench_dense_prompt(T, hq, hkv, D=128, dtype=torch.float16, sweep=False):
+    """One fresh prompt's causal attention, the engine's dense path: torch SDPA (cuDNN on the
+    H100, with the small kernels torch adds around it) against the Triton kernel
+    (triton_prompt_attention.py), device time from CUDA graphs; `sweep` tries its tiles."""
+    from lmdeploy.turbomind.kernels import triton_prompt_attention as tpr
+    from lmdeploy.turbomind.kernels.prompt_attention import prompt_attention_cuda
+    q = torch.randn(T, hq, D, device=DEV, dtype=dtype)
+    k = torch.randn(T, hkv, D, device=DEV, dtype=dtype)
+    v = torch.randn(T, hkv, D, device=DEV, dtype=dtype)
+    scale = D ** -0.5
+    flops = 4 * hq * D * T * (T + 1) // 2
+    name = f'T{T} hq{hq} hkv{hkv}'
+    ref = prompt_attention_cuda(q, k, v, scale)
+    f = lambda: prompt_attention_cuda(q, k, v, scale)  # noqa: E731
+    record('dense_prompt', name, 'cudnn-sdpa', ms_eager(f), flops=flops, graph_ms=ms_graph(f))
+    f = lambda: tpr.prompt_attention_triton(q, k, v, scale, cfg=tpr.CFG)  # noqa: E731
+    err = float((f().double() - ref.double()).norm() / ref.double().norm())
+    record('dense_prompt', name, 'triton', ms_eager(f), flops=flops, graph_ms=ms_graph(f),
+           rel_err=err, cfg=dict(tpr.CFG))
+    if not sweep:
+        return
+    results = []
+    for bm in (64, 128):
+        for bn in (32, 64, 128):
+            for warps in (4, 8):
+                for stages in (2, 3, 4):
+                    c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+                    g = lambda c=c: tpr.prompt_attention_triton(q, k, v, scale, cfg=c)  # noqa
+                    r = try_config(c, g, ref, ms_graph)
+                    if r is not None:
+                        results.append(r)
+                        print(f'  cfg {c}: {r[0] * 1e3:.1f} us {flops / r[0] / 1e9:.1f} '
+                              f'TFLOP/s err {r[2]:.1e}', flush=True)
+    results.sort(key=lambda r: r[0])
+    if results:
+        ms, c, e = results[0]
+        record('dense_prompt', name, 'triton-best', ms, flops=flops, graph_ms=ms, cfg=c,
+               rel_err=e)
+
+
 def bench_elementwise(T, dtype=torch.float16):
     H, inter, hq, hkv, D, page = 4096, 11008, 32, 32, 128, 64
     es = torch.tensor([], dtype=dtype).element_size()
@@ -406,13 +446,16 @@ def main():
     ap.add_argument('--out', default='bench_kernels.json')
     ap.add_argument('--sweep', action='store_true')
     ap.add_argument('--quick', action='store_true')
-    ap.add_argument('--only', choices=['all', 'int8', 'rotary_store_kv', 'decode', 'prefill'],
+    ap.add_argument('--only', choices=['all', 'int8', 'rotary_store_kv', 'decode', 'prefill',
+                                       'dense_prompt'],
                     default='all',
                     help='int8: only the int8 KV rows and the fp16 rows they compare with; '
                          'rotary_store_kv: only the fused vs separate rotary + KV store rows; '
                          'decode: the decode attention at the engine steps profile_step.py '
                          'looks at, launched with the graphs\' session_len hint; prefill: a '
-                         '2048-token prompt against torch SDPA\'s flash and cuDNN backends')
+                         '2048-token prompt against torch SDPA\'s flash and cuDNN backends; '
+                         'dense_prompt: the dense prompt path\'s attention, cuDNN SDPA against '
+                         'the Triton kernel (with --sweep: its tiles) at 1025-8192 tokens')
     ap.add_argument('--decode_cases', default=None, metavar='B:CTX[:HINT],...',
                     help="with --only decode: these decode shapes instead of the default set "
                          "(B rows over CTX tokens, launched with max_kv_len HINT as a graph "
@@ -435,6 +478,13 @@ def main():
                       sweep=a.sweep)
         bench_prefill([(0, 2048)], 32, 8, name='1x2048 new, GQA8', with_sdpa=True)
         bench_prompt_first_calls()
+        return finish(info, t0, a.out)
+    if a.only == 'dense_prompt':
+        bench_dense_prompt(2048, 32, 32, sweep=a.sweep)
+        bench_dense_prompt(2048, 32, 8)
+        for T in (1025, 1536, 2560, 3072, 4096, 8192):
+            bench_dense_prompt(T, 32, 32)
+        bench_dense_prompt(4096, 32, 8)
         return finish(info, t0, a.out)
     if a.only == 'decode' and a.decode_cases:
         for case in a.decode_cases.split(','):

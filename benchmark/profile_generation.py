@@ -135,7 +135,7 @@ def run_round(tm, prompts: List[List[int]], output_len: int, bar=None) -> dict:
     ttft = [s[0] - t0 for s in stamps if s]
     gaps = [b - a for s in stamps for a, b in zip(s, s[1:])]
     total = sum(counts)
-    return dict(elapsed=t1 - t0, ttft=ttft, gaps=gaps, tokens=total,
+    return dict(t0=t0, elapsed=t1 - t0, ttft=ttft, gaps=gaps, tokens=total,
                 out_tok_s=total / (t1 - t0), first=[s[0] - t0 for s in stamps if s],
                 last=[s[-1] - t0 for s in stamps if s])
 

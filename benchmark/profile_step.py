@@ -88,7 +88,7 @@ def step_cost(rows, cfg, tp=1):
 def idle_gaps(intervals, top=8):
     """Device idle time inside a run of kernels. intervals: [(start_us, end_us, name)] of the
     kernels of one stream, any order. Returns (span_us, busy_us, largest gaps as (gap_us,
-    kernel before, kernel after))."""
+    kernel before, kernel after, gap start_us))."""
     spans = sorted(intervals)
     if not spans:
         return 0.0, 0.0, []
@@ -97,7 +97,7 @@ def idle_gaps(intervals, top=8):
     for start, end, name in spans[1:]:
         if start > cur_end:
             busy += cur_end - cur_start
-            gaps.append((start - cur_end, cur_name, name))
+            gaps.append((start - cur_end, cur_name, name, cur_end))
             cur_start = start
         if end >= cur_end:
             cur_end, cur_name = end, name
@@ -192,10 +192,10 @@ def profile_case(runner, cfg, decode, prompts, iters):
     if idle is not None:
         span, busy, gaps = idle
         res['eager_idle'] = dict(span_us=span, busy_us=busy, idle_us=span - busy,
-                                 gaps=[dict(us=g, before=a, after=b) for g, a, b in gaps])
+                                 gaps=[dict(us=g, before=a, after=b) for g, a, b, _ in gaps])
         print(f'eager forward, one profiled: {span / 1e3:.3f} ms from its first kernel to its '
               f'last, device idle {(span - busy) / 1e3:.3f} ms; largest gaps:')
-        for g, a, b in gaps[:5]:
+        for g, a, b, _ in gaps[:5]:
             print(f'  {g:.0f} us after {a[:50]} before {b[:50]}')
     return res
 

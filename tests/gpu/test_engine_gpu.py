@@ -51,10 +51,11 @@ def test_minichat_answers_on_gpu(tmp_path, dtype):
 
 
 @pytest.mark.parametrize('variant', ['gqa', 'head128'])
-def test_fresh_prompts_through_sdpa_equal_paged_attention(workspace, variant):
-    """A step of one fresh prompt over MAX_MIXED_TOKENS (1024) tokens takes the dense path (rotary, store_kv,
-    torch SDPA over the new tokens) on CUDA; greedy tokens equal the paged-attention path's
-    and the CPU's, and the KV it stored serves the decode steps after it."""
+def test_fresh_prompts_through_dense_attention_equal_paged_attention(workspace, variant):
+    """A step of one fresh prompt over MAX_MIXED_TOKENS (1024) tokens takes the dense path
+    (rotary, store_kv, the dense causal kernel over the new tokens) on CUDA; greedy tokens
+    equal the paged-attention path's and the CPU's, and the KV it stored serves the decode
+    steps after it."""
     from lmdeploy.turbomind import TurboMind
     ws = workspace(variant)
     with TurboMind(ws, device='cpu', dtype='fp32') as cpu, \

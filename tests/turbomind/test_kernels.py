@@ -219,3 +219,19 @@ def test_prompt_attention_is_paged_attention_of_a_fresh_prompt(hq, hkv):
                                rtol=1e-5)
     torch.testing.assert_close(prompt_attention_cuda(q, k, v, D ** -0.5), want, atol=1e-5,
                                rtol=1e-5)
+
+
+def test_dense_prompt_attention_tiles_fit_shared_memory():
+    """The Triton dense prompt kernel's tiles: the H100's tuned ones for fp16 / bf16 at head
+    size 128, smaller ones where those would not fit (fp32, less shared memory)."""
+    pytest.importorskip('triton')
+    from lmdeploy.turbomind.kernels import triton_prompt_attention as tpr
+    h100 = 232448
+    assert tpr.tiles(torch.float16, 128, h100) == tpr.CFG
+    assert tpr.tiles(torch.bfloat16, 128, h100) == tpr.CFG
+    for dtype, D, limit in ((torch.float32, 128, h100), (torch.float16, 128, 166912),
+                            (torch.float32, 256, 101376)):
+        c = tpr.tiles(dtype, D, limit)
+        size = torch.empty(0, dtype=dtype).element_size()
+        assert (c['num_stages'] * 2 * c['BLOCK_N'] + c['BLOCK_M']) * D * size <= limit, c
+        assert c['BLOCK_N'] >= 16 and c['BLOCK_M'] >= 16

@@ -124,6 +124,16 @@ _case('rotary_store_kv-norotary', op='rotary_store_kv', T=4, hq=2, hkv=1, D=16, 
 _case('rotary_store_kv-d128-page16', op='rotary_store_kv', T=3, hq=4, hkv=1, D=128,
       rotary_dim=128, theta=1e4, page=16, dtype='bfloat16', quant='static')
 
+# one fresh prompt's dense causal attention: q, k, v are column views of a fused qkv output;
+# small tiles so a prompt spans several query and KV tiles, ragged at the end
+for T, hq, hkv, D, dt, bm, bn in ((1, 4, 4, 32, 'float32', 16, 16),
+                                  (37, 4, 1, 64, 'float32', 16, 16),
+                                  (70, 8, 2, 24, 'float32', 16, 32),
+                                  (64, 2, 2, 32, 'float16', 32, 16),
+                                  (130, 2, 2, 64, 'float16', 32, 32)):
+    _case(f'prompt_attention-T{T}-g{hq // hkv}-D{D}-{dt}', op='prompt_attention', T=T, hq=hq,
+          hkv=hkv, D=D, dtype=dt, cfg=dict(BLOCK_M=bm, BLOCK_N=bn))
+
 # the sampler's last step: the same token ids as the reference (V 3000 and 4500: two and three
 # chunks of 2048, the last one ragged); modes: argmax, argmax with bad words, draws with and
 # without temperature / greedy rows
@@ -214,13 +224,14 @@ def run_case(name):
     """Returns (ok, message). Runs in the interpreter subprocess."""
     import torch
 
-    from lmdeploy.turbomind.kernels import (activation, paged_attention, rms_norm, rotary,
-                                            rotary_store_kv, sample, store_kv)
+    from lmdeploy.turbomind.kernels import (activation, paged_attention, prompt_attention,
+                                            rms_norm, rotary, rotary_store_kv, sample, store_kv)
     from lmdeploy.turbomind.step_input import RowPlan, build_step_input
 
     class K:  # every op's reference and Triton kernel
         pass
-    for mod in (activation, paged_attention, rms_norm, rotary, rotary_store_kv, sample, store_kv):
+    for mod in (activation, paged_attention, prompt_attention, rms_norm, rotary,
+                rotary_store_kv, sample, store_kv):
         for attr in dir(mod):
             if attr.endswith(('_ref', '_triton')):
                 setattr(K, attr, getattr(mod, attr))
@@ -292,6 +303,13 @@ def run_case(name):
         err = 0.0 if ok else 1.0
     elif op == 'rotary_store_kv':
         ok, err = _check_rotary_store_kv(K, p, rnd, g)
+    elif op == 'prompt_attention':
+        T, hq, hkv, D = p['T'], p['hq'], p['hkv'], p['D']
+        qkv = rnd(T, (hq + 2 * hkv) * D)
+        q, k, v = (x.view(T, -1, D) for x in qkv.split([hq * D, hkv * D, hkv * D], dim=-1))
+        o = K.prompt_attention_triton(q, k, v, D ** -0.5, cfg=p['cfg'])
+        err = _rel_err(o, K.prompt_attention_ref(q, k, v, D ** -0.5))
+        ok = o.dtype == dtype and bool(torch.isfinite(o).all())
     elif op == 'sample':
         S, V, mode = p['S'], p['V'], p['mode']
         x = rnd(S, V, scale=2.0)

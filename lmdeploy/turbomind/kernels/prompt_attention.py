@@ -6,8 +6,9 @@ q: [T, hq, D], k, v: [T, hkv, D] (strided views of the qkv GEMM output are fine)
 ``hq // hkv``; token i attends to tokens 0..i. Softmax in fp32, output in q's dtype. This is
 `paged_attention` for a step of one row whose kv_len equals its q_len, with K/V taken from the
 GEMM output instead of the pool: the model uses it for such steps when a faster dense kernel
-exists for the device (`prompt_attention_cuda`: torch's fused SDPA, cuDNN or flash on the
-H100, ~1.6x the Triton paged kernel's rate at 2048 tokens; benchmark/NOTES.md).
+exists for the device: on CUDA `prompt_attention_triton` (triton_prompt_attention.py), which
+hands prompts of CUDNN_FROM_TOKENS (3072) tokens and more to `prompt_attention_cuda`, torch's
+fused SDPA (cuDNN on the H100), faster there; benchmark/NOTES.md, sessions 6 and 10.
 """
 import os
 import warnings
@@ -45,3 +46,9 @@ def prompt_attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         v.transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1)
+
+
+try:  # the Triton kernel beside its reference (kernels.select picks it on CUDA)
+    from .triton_prompt_attention import prompt_attention_triton  # noqa: E402,F401
+except ImportError:  # no triton
+    pass

@@ -9,7 +9,7 @@
                                                            slot_mapping (int8 KV: quantised)
         o     = paged_attention(q, pool[layer], ...)       [T, hq, D] (int8: dequantised inside)
                 (one fresh prompt over 1024 tokens, on CUDA: q, k, v as three GEMMs, rotary,
-                 store_kv, then prompt_attention(q, k, v), torch's SDPA;
+                 store_kv, then prompt_attention(q, k, v), a dense causal kernel;
                  kernels/prompt_attention.py)
         h'    = all_reduce(o @ wo) (+ b_o)                 b_o added once, after the reduce
         x, h  = rms_norm(h', ffn_norm, residual=h)
@@ -40,8 +40,8 @@ from ..weights import ModelWeights
 # Fresh prompts at least this long take the dense attention path: longer than any CUDA graph
 # (lone prompts replay the prompt graphs up to 512 tokens, then the mixed graphs up to
 # MAX_MIXED_TOKENS), so such a prompt runs the same kernels with graphs on and off; below it
-# the Triton paged kernel is fast enough (at 2048 tokens cuDNN SDPA takes 89 us per layer
-# against its 139 on the H100, at 1024 the difference is ~0.5 ms a prompt).
+# the Triton paged kernel is fast enough (at 2048 tokens the dense kernel takes 102 us per
+# layer against its 139 on the H100, at 1024 the difference is ~0.5 ms a prompt).
 DENSE_PROMPT_MIN_TOKENS = MAX_MIXED_TOKENS + 1
 
 
@@ -60,7 +60,8 @@ class LlamaModel:
         self.theta = cfg.rope_theta
         self.eps = cfg.norm_eps
         self.comm = comm or SingleRank()
-        self.dense_prompts = getattr(kernels, 'impl', {}).get('prompt_attention') == 'cuda'
+        self.dense_prompts = getattr(kernels, 'impl', {}).get('prompt_attention') in ('cuda',
+                                                                                       'triton')
 
     def forward(self, step: StepInput, kv: KVCache) -> torch.Tensor:
         with decode_scope(step.max_q_len == 1):  # PDL launches (kernels/pdl.py)
