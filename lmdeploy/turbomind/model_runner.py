@@ -44,6 +44,7 @@ from .distributed import SingleRank
 from .kv_cache import KVCache, kv_quant_mode
 from .kv_scales import load_kv_scales
 from .models import build_model
+from .models.llama import DENSE_PROMPT_MIN_TOKENS
 from .sampler_graphs import COMMON_MODES, SamplerGraphs
 from .sampling import RequestRng, Sampler, SamplingParams
 from .step_input import RowPlan, StepInput, build_step_input
@@ -271,7 +272,9 @@ class ModelRunner:
         that every row shares (the values do not matter). Two shapes: max_prefill_tokens
         prompt tokens (rows of at most session_len) beside max_batch_size decode rows, and one
         lone fresh prompt as long as a step allows, which takes the dense prompt path (its own
-        kernels and attention workspace; this also compiles them before the first request)."""
+        kernels and attention workspace; this also compiles them before the first request),
+        then the shortest such prompt, whose attention may be another kernel (on CUDA: Triton
+        below 3072 tokens, cuDNN from there; kernels/triton_prompt_attention.py)."""
         cfg = self.cfg
         row_len = max(1, min(cfg.max_prefill_tokens, cfg.session_len))
         torch.cuda.synchronize(self.device)
@@ -281,8 +284,10 @@ class ModelRunner:
         gen = torch.Generator().manual_seed(0)
         decode_rows = [RowPlan([0], 0, [0], 'last') for _ in range(cfg.max_batch_size)]
         mixed = decode_rows + self._profile_prompts(cfg.max_prefill_tokens, row_len, gen)
-        lone = self._profile_prompts(row_len, row_len, gen)
-        peak = max(self._step_peak_bytes(rows, scratch) for rows in (mixed, lone))
+        steps = [mixed, self._profile_prompts(row_len, row_len, gen)]
+        if DENSE_PROMPT_MIN_TOKENS < row_len:
+            steps.append(self._profile_prompts(DENSE_PROMPT_MIN_TOKENS, row_len, gen))
+        peak = max(self._step_peak_bytes(rows, scratch) for rows in steps)
         del scratch
         torch.cuda.empty_cache()
         return peak

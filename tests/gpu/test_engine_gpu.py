@@ -75,3 +75,18 @@ def test_fresh_prompts_through_dense_attention_equal_paged_attention(workspace, 
         finally:
             model.k.prompt_attention = dense
         assert got == paged == [greedy(cpu, p) for p in prompts]
+
+
+def test_dense_prompts_compile_no_kernel_after_start_up(workspace):
+    """The memory plan runs the longest and the shortest lone prompt, so that prompts on either
+    side of the dense attention's switch to cuDNN (3072 tokens) compile nothing in a request."""
+    from lmdeploy.turbomind import TurboMind
+    from lmdeploy.turbomind.kernels import compiled_variants
+    with TurboMind(workspace('gqa'), device='cuda', dtype='fp16', session_len=4096,
+                   max_prefill_tokens=4096) as tm:
+        assert tm.engine.runner.model.dense_prompts
+        before = compiled_variants()
+        g = torch.Generator().manual_seed(5)
+        for n in (1100, 3500):
+            greedy(tm, torch.randint(3, 1000, (n,), generator=g).tolist(), n=2)
+        assert compiled_variants() == before
