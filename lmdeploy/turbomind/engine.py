@@ -611,6 +611,8 @@ class Engine:
         if blocked:  # the device was still on it: the tokens arrived as it finished
             if launched.start is not None:
                 pacer.add_device(launched.key, arrived - launched.start)
+                if self.timer:  # e.g. a prompt's mixed step as the server meets it
+                    self.timer.observe(f'device_{launched.key[0]}', arrived - launched.start)
             if newer is not None:  # queued before that, so the device went straight on to it
                 newer.start = arrived
             if launched.jit:

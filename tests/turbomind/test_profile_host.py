@@ -40,6 +40,9 @@ def test_engine_host_arrivals_ttft_by_schedule(tmp_path):
         assert r['requests'] == 16 and r['steps'] > 0 and r['steps_per_s'] > 0
         assert 10 <= r['ttft_ms_p50'] <= r['ttft_ms_p99']  # at least the prefill step
     jit, ahead, sync = reports['jit'], reports['ahead'], reports['sync']
+    # the planner's measure of the stand-in device's steps (10 ms each, both kinds)
+    for kind in ('decode', 'mixed'):
+        assert 9 <= ahead[f'device_{kind}_ms_p50'] <= 13, ahead
     assert jit['jit_waits'] > 0 and ahead['jit_waits'] == sync['jit_waits'] == 0
     assert jit['ttft_ms_p50'] < ahead['ttft_ms_p50'] - 4
     assert jit['device_idle_us_per_step'] < 0.5 * sync['device_idle_us_per_step']
