@@ -11,11 +11,10 @@ fastest, so the final wave is made of the short tiles. GQA: head h reads KV head
 
 Why it exists beside torch's cuDNN SDPA (`prompt_attention_cuda`): torch wraps each cuDNN call
 in ~18 small kernels (ragged offsets, a memset, a TMA set-up) and 0.36-0.49 ms of host time
-(under the profiler; the first layer's device waits for it). On the
-H100 (benchmark/NOTES.md, session 10; CUDA graphs, Llama-2-7B heads) this kernel takes 43 /
-63 / 102 / 150 us at 1025 / 1536 / 2048 / 2560 tokens against 64 / 84 / 117 / 157; from ~3072
-tokens on cuDNN's own kernel is faster (325 vs 353 us at 4096), so longer prompts go to it
-(`CUDNN_FROM_TOKENS`).
+(under the profiler; the first layer's device waits for it). On the H100 (benchmark/NOTES.md,
+session 10; CUDA graphs, Llama-2-7B heads) this kernel takes 43 / 63 / 102 / 150 us at 1025 /
+1536 / 2048 / 2560 tokens against 64 / 84 / 117 / 157; from ~3072 tokens on cuDNN's own kernel
+is faster (325 vs 353 us at 4096), so longer prompts go to it (`CUDNN_FROM_TOKENS`).
 """
 import torch
 import triton
