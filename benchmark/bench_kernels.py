@@ -62,6 +62,24 @@ def try_config(c, f, ref, timer):
         return None
 
 
+def sweep_best(kernel, shape, cands, run, ref, timer, nbytes=None, flops=None):
+    """Time `run(cfg)` for each candidate config against `ref`, print each, and record the
+    fastest as 'triton-best'."""
+    results = []
+    for c in cands:
+        r = try_config(c, lambda c=c: run(c), ref, timer)
+        if r is None:
+            continue
+        results.append(r)
+        rate = (f'{nbytes / r[0] / 1e9:.2f} TB/s' if nbytes else
+                f'{flops / r[0] / 1e9:.1f} TFLOP/s')
+        print(f'  cfg {c}: {r[0] * 1e3:.1f} us  {rate}  err {r[2]:.1e}', flush=True)
+    if results:
+        ms, c, e = min(results, key=lambda r: r[0])
+        record(kernel, shape, 'triton-best', ms, nbytes=nbytes, flops=flops,
+               graph_ms=ms if timer is ms_graph else None, cfg=c, rel_err=e)
+
+
 def ms_graph(fn, rep=100):
     try:
         return do_bench_cudagraph(fn, rep=rep, return_mode='median')
@@ -193,20 +211,9 @@ def bench_decode(B, ctx, hq, hkv, D=128, page=64, dtype=torch.float16, sweep=Fal
                       dict(min_partition=64, waves=16), dict(min_partition=64, waves=16,
                                                               num_stages=2),
                       dict(waves=32), dict(waves=64), dict(min_partition=64, waves=32)]
-        results = []
-        for c in cands:
-            f = lambda c=c: tpa.paged_attention_triton(*args, kv_qparams=qp,  # noqa: E731
-                                                       decode_cfg=c)
-            r = try_config(c, f, ref, ms_graph)
-            if r is not None:
-                results.append(r)
-                print(f'  cfg {c}: {r[0] * 1e3:.1f} us  {kv_bytes / r[0] / 1e9:.2f} TB/s  '
-                      f'err {r[2]:.1e}', flush=True)
-        results.sort(key=lambda r: r[0])
-        if results:
-            ms, c, e = results[0]
-            record('decode_attn', shape, 'triton-best', ms, nbytes=kv_bytes, graph_ms=ms,
-                   cfg=c, rel_err=e)
+        sweep_best('decode_attn', shape, cands,
+                   lambda c: tpa.paged_attention_triton(*args, kv_qparams=qp, decode_cfg=c),
+                   ref, ms_graph, nbytes=kv_bytes)
     if with_sdpa and not quant:  # anchor: torch SDPA over the same KV stored dense (no paging)
         k = args[1].view(-1, hkv, D)[:B * ctx].view(B, ctx, hkv, D).transpose(1, 2)
         v = args[2].view(-1, hkv, D)[:B * ctx].view(B, ctx, hkv, D).transpose(1, 2)
@@ -242,21 +249,11 @@ def bench_prefill(rows, hq, hkv, D=128, page=64, dtype=torch.float16, name='', w
     record('prefill_attn', name, 'ref', ms_eager(lambda: paged_attention_ref(*args), rep=20),
            flops=flops)
     if sweep:
-        results = []
-        for bm in (64, 128):
-            for bn in (32, 64, 128):
-                for warps in (4, 8):
-                    c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=3)
-                    f = lambda c=c: tpa.paged_attention_triton(*args, prefill_cfg=c)  # noqa
-                    r = try_config(c, f, ref, ms_eager)
-                    if r is not None:
-                        results.append(r)
-                        print(f'  cfg {c}: {r[0] * 1e3:.1f} us {flops / r[0] / 1e9:.1f} '
-                              f'TFLOP/s err {r[2]:.1e}', flush=True)
-        results.sort(key=lambda r: r[0])
-        if results:
-            ms, c, e = results[0]
-            record('prefill_attn', name, 'triton-best', ms, flops=flops, cfg=c, rel_err=e)
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=3)
+                 for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8)]
+        sweep_best('prefill_attn', name, cands,
+                   lambda c: tpa.paged_attention_triton(*args, prefill_cfg=c), ref, ms_eager,
+                   flops=flops)
     if with_sdpa and len(rows) == 1 and rows[0][0] == 0:
         n = rows[0][1]
         qd = args[0].view(1, n, hq, D).transpose(1, 2)
@@ -320,25 +317,12 @@ def bench_dense_prompt(T, hq, hkv, D=128, dtype=torch.float16, sweep=False):
     err = float((f().double() - ref.double()).norm() / ref.double().norm())
     record('dense_prompt', name, 'triton', ms_eager(f), flops=flops, graph_ms=ms_graph(f),
            rel_err=err, cfg=dict(tpr.CFG))
-    if not sweep:
-        return
-    results = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    c = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-                    g = lambda c=c: tpr.prompt_attention_triton(q, k, v, scale, cfg=c)  # noqa
-                    r = try_config(c, g, ref, ms_graph)
-                    if r is not None:
-                        results.append(r)
-                        print(f'  cfg {c}: {r[0] * 1e3:.1f} us {flops / r[0] / 1e9:.1f} '
-                              f'TFLOP/s err {r[2]:.1e}', flush=True)
-    results.sort(key=lambda r: r[0])
-    if results:
-        ms, c, e = results[0]
-        record('dense_prompt', name, 'triton-best', ms, flops=flops, graph_ms=ms, cfg=c,
-               rel_err=e)
+    if sweep:
+        cands = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                 for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
+        sweep_best('dense_prompt', name, cands,
+                   lambda c: tpr.prompt_attention_triton(q, k, v, scale, cfg=c), ref, ms_graph,
+                   flops=flops)
 
 
 def bench_elementwise(T, dtype=torch.float16):

@@ -379,39 +379,36 @@ def test_layer_ops_cuda_graph():
     assert torch.equal(kc, kc_e) and torch.equal(vc, vc_e)
 
 
+def check_prompt_attention(fn, T, hq, hkv, dtype, seed):
+    """`fn` on strided q/k/v views of a qkv buffer against the fp32 reference."""
+    from lmdeploy.turbomind.kernels.prompt_attention import prompt_attention_ref
+    D = 128
+    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=DEV, dtype=dtype, generator=gen(seed))
+    q, k, v = (x.view(T, -1, D) for x in qkv.split([hq * D, hkv * D, hkv * D], dim=-1))
+    out = fn(q, k, v, D ** -0.5)
+    ref = prompt_attention_ref(q, k, v, D ** -0.5)
+    assert out.shape == ref.shape and out.dtype == dtype
+    assert rel_err(out, ref) < TOL[dtype]
+
+
 @pytest.mark.parametrize('dtype', DTYPES)
 @pytest.mark.parametrize('hq,hkv', [(32, 32), (32, 8)])
 @pytest.mark.parametrize('T', [2, 100, 2048])
 def test_prompt_attention_cuda(T, hq, hkv, dtype):
-    """torch SDPA (the CUDA prompt_attention) on strided q/k/v views of a qkv buffer against
-    the fp32 reference."""
-    from lmdeploy.turbomind.kernels.prompt_attention import (prompt_attention_cuda,
-                                                             prompt_attention_ref)
-    D = 128
-    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=DEV, dtype=dtype, generator=gen(T + hkv))
-    q, k, v = (x.view(T, -1, D) for x in qkv.split([hq * D, hkv * D, hkv * D], dim=-1))
-    out = prompt_attention_cuda(q, k, v, D ** -0.5)
-    ref = prompt_attention_ref(q, k, v, D ** -0.5)
-    assert out.shape == ref.shape and out.dtype == dtype
-    assert rel_err(out, ref) < TOL[dtype]
+    """torch SDPA (cuDNN on the H100: the dense path from 3072 tokens)."""
+    from lmdeploy.turbomind.kernels.prompt_attention import prompt_attention_cuda
+    check_prompt_attention(prompt_attention_cuda, T, hq, hkv, dtype, seed=T + hkv)
 
 
 @pytest.mark.parametrize('dtype', DTYPES + [torch.float32])
 @pytest.mark.parametrize('hq,hkv', [(32, 32), (32, 8)])
 @pytest.mark.parametrize('T', [1, 100, 1025, 2048, 3100])
 def test_prompt_attention_triton(T, hq, hkv, dtype):
-    """The Triton dense prompt attention (the engine's choice on CUDA) on strided q/k/v views
-    of a qkv buffer against the fp32 reference, with the tiles it picks for the device (fp32:
-    smaller ones that fit its shared memory); 3100 tokens go to cuDNN."""
-    from lmdeploy.turbomind.kernels.prompt_attention import prompt_attention_ref
+    """The Triton dense prompt attention (the engine's choice on CUDA), with the tiles it
+    picks for the device (fp32: smaller ones that fit its shared memory); 3100 tokens go to
+    cuDNN."""
     from lmdeploy.turbomind.kernels.triton_prompt_attention import prompt_attention_triton
-    D = 128
-    qkv = torch.randn(T, (hq + 2 * hkv) * D, device=DEV, dtype=dtype, generator=gen(T + hq))
-    q, k, v = (x.view(T, -1, D) for x in qkv.split([hq * D, hkv * D, hkv * D], dim=-1))
-    out = prompt_attention_triton(q, k, v, D ** -0.5)
-    ref = prompt_attention_ref(q, k, v, D ** -0.5)
-    assert out.shape == ref.shape and out.dtype == dtype
-    assert rel_err(out, ref) < TOL[dtype]
+    check_prompt_attention(prompt_attention_triton, T, hq, hkv, dtype, seed=T + hq)
 
 
 @pytest.mark.parametrize('V', [32000, 128256])
