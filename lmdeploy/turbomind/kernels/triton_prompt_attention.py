@@ -16,6 +16,8 @@ session 10; CUDA graphs, Llama-2-7B heads) this kernel takes 43 / 63 / 102 / 150
 1536 / 2048 / 2560 tokens against 64 / 84 / 117 / 157; from ~3072 tokens on cuDNN's own kernel
 is faster (325 vs 353 us at 4096), so longer prompts go to it (`CUDNN_FROM_TOKENS`).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,16 +28,15 @@ LOG2E = 1.4426950408889634
 # --sweep)
 CFG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=3)
 CUDNN_FROM_TOKENS = 3072  # prompts this long run torch's SDPA (cuDNN) on CUDA
-_SMEM = {}  # device index -> shared memory a program may use (bytes)
 
 
-def _smem_limit(device: torch.device) -> int:
-    limit = _SMEM.get(device.index)
-    if limit is None:
-        props = torch.cuda.get_device_properties(device)
-        limit = _SMEM[device.index] = int(getattr(props, 'shared_memory_per_block_optin', 0)
-                                          or 99 * 1024)
-    return limit
+@functools.lru_cache(maxsize=None)
+def _device_tiles(dtype: torch.dtype, head_dim: int, device_index: int) -> dict:
+    """`tiles` for a CUDA device's shared memory, once per (dtype, head size, device): the
+    launch runs once per layer of a prompt's first step."""
+    props = torch.cuda.get_device_properties(device_index)
+    return tiles(dtype, head_dim,
+                 int(getattr(props, 'shared_memory_per_block_optin', 0) or 99 * 1024))
 
 
 def tiles(dtype: torch.dtype, head_dim: int, limit: int) -> dict:
@@ -134,7 +135,7 @@ def prompt_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if T == 0:
         return out
     c = (dict(CFG, **cfg) if cfg else
-         tiles(q.dtype, D, _smem_limit(q.device)) if q.is_cuda else dict(CFG))
+         _device_tiles(q.dtype, D, q.device.index) if q.is_cuda else CFG)
     grid = (hq, triton.cdiv(T, c['BLOCK_M']))
     _dense_causal_kernel[grid](
         q, k, v, out, T, float(scale) * LOG2E, q.stride(0), q.stride(1), k.stride(0),
