@@ -188,6 +188,7 @@ class _Launched:
     key: tuple = ()  # what predicts its device time (_Pacer.key)
     queued: float = 0.0  # when its device work was all queued (perf_counter)
     start: Optional[float] = None  # when the device started it, if known: the previous tokens
+    arrived: Optional[float] = None  # when its tokens reached the host (timed engines)
     jit: bool = False  # the loop waited to plan the step after it (just in time)
 
     def pending(self) -> Optional[bool]:
@@ -577,7 +578,7 @@ class Engine:
                 pending = launched.pending()
                 waited = time.perf_counter()
                 tokens = launched.wait()
-                arrived = time.perf_counter()
+                arrived = launched.arrived = time.perf_counter()
                 if pending is None:  # a wait that took a while waited for the device
                     pending = arrived - waited >= _Pacer.BLOCKED
                 self._pace(launched, newer, arrived, pending)
@@ -599,7 +600,7 @@ class Engine:
             logger.warning(warning)
         if timer:
             timer.lap('update')
-        self._dispatch(events)
+        self._dispatch(events, launched)
         if timer:
             timer.lap('dispatch')
         return newer
@@ -682,6 +683,17 @@ class Engine:
             timer.lap('wake')
         return launched
 
+    def _observe_first_token(self, request: Request, launched: Optional[_Launched], now: float):
+        timer = self.timer
+        timer.observe('ttft_queue', request.first_queued - request.submitted)
+        timer.observe('ttft_step', now - request.first_queued)
+        if launched is None or launched.queued != request.first_queued:
+            return  # not its first step's tokens (e.g. a prompt in chunks)
+        if launched.start is not None:  # the step ahead of it on the device, then its own
+            timer.observe('ttft_step_ahead', launched.start - launched.queued)
+            timer.observe('ttft_step_device', launched.arrived - launched.start)
+        timer.observe('ttft_step_handover', now - launched.arrived)
+
     def _sampling_slots(self, handles: np.ndarray) -> np.ndarray:
         """The slot of each sampling row (int64); rows that sample for the first time get one."""
         requests = self._requests
@@ -704,8 +716,9 @@ class Engine:
                 request.error = EngineError(f'the step running this request failed: {error}')
                 self.scheduler.cancel(request.session_id, False)
 
-    def _dispatch(self, events):
-        """Hand each event to its request; its caller is woken later (`_wake_callers`)."""
+    def _dispatch(self, events, launched: Optional[_Launched] = None):
+        """Hand each event to its request (`launched`: the step that made its tokens); its
+        caller is woken later (`_wake_callers`)."""
         if not len(events.handles):
             return
         handles = events.handles.tolist()
@@ -721,8 +734,7 @@ class Engine:
             a, b = offsets[i], offsets[i + 1]
             if b > a:
                 if not request.output_ids and self.timer and request.first_queued:
-                    self.timer.observe('ttft_queue', request.first_queued - request.submitted)
-                    self.timer.observe('ttft_step', now - request.first_queued)
+                    self._observe_first_token(request, launched, now)
                 new = tokens[a:b]
                 request.output_ids.extend(new)
                 request.stamps.append((now, len(request.output_ids)))

@@ -24,7 +24,9 @@ p99 and max in milliseconds (`<name>_n`, `<name>_ms_mean`, ...). Each step obser
 rest, less any just-in-time wait): a slow step's tail tells a late device (sync) from a late
 host (host), e.g. behind a per-token p99 far above its p50. The engine observes where its requests'
 first tokens spent their time (`ttft_queue`: submit -> its first step queued on the device;
-`ttft_step`: -> tokens handed over); a server may add its own (its request -> submit, tokens
+`ttft_step`: -> tokens handed over, split into `ttft_step_ahead`: the step ahead of it still on
+the device, `ttft_step_device`: its own step, `ttft_step_handover`: its tokens on the host ->
+handed over); a server may add its own (its request -> submit, tokens
 handed over -> seen by the server). It also observes each step's device time as its planner
 measures it (`device_decode`, `device_mixed`: from the previous step's tokens to this step's,
 while the device went straight from one to the next), e.g. a prompt's mixed step under load.

@@ -43,6 +43,11 @@ def test_engine_host_arrivals_ttft_by_schedule(tmp_path):
     # the planner's measure of the stand-in device's steps (10 ms each, both kinds)
     for kind in ('decode', 'mixed'):
         assert 9 <= ahead[f'device_{kind}_ms_p50'] <= 13, ahead
+    # a first token's step: the step ahead of it on the device, its own, the handover
+    for r in (ahead, jit):
+        assert 9 <= r['ttft_step_device_ms_p50'] <= 13, r
+        assert 0 <= r['ttft_step_ahead_ms_p50'] <= 11 and r['ttft_step_handover_ms_p50'] < 2, r
+    assert jit['ttft_step_ahead_ms_mean'] < ahead['ttft_step_ahead_ms_mean'] - 2
     assert jit['jit_waits'] > 0 and ahead['jit_waits'] == sync['jit_waits'] == 0
     assert jit['ttft_ms_p50'] < ahead['ttft_ms_p50'] - 4
     assert jit['device_idle_us_per_step'] < 0.5 * sync['device_idle_us_per_step']
