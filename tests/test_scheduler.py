@@ -62,12 +62,14 @@ class Harness:
     """Drives a Scheduler and checks it against a model after every call."""
 
     def __init__(self, num_blocks=64, block_size=4, max_batch_size=8, max_prefill_tokens=16, session_len=96,
-                 chunked_prefill=True, check_every_step=True, pipelined=False, admit_horizon=32):
+                 chunked_prefill=True, check_every_step=True, pipelined=False, admit_horizon=32,
+                 max_mixed_prefill_tokens=0):
         self.s = Scheduler(num_blocks, block_size, max_batch_size, max_prefill_tokens, session_len, VOCAB,
                            start_id=START_ID, end_id=END_ID, chunked_prefill=chunked_prefill,
-                           admit_horizon=admit_horizon)
+                           admit_horizon=admit_horizon, max_mixed_prefill_tokens=max_mixed_prefill_tokens)
         self.block_size, self.num_blocks = block_size, num_blocks
         self.max_batch_size, self.budget = max_batch_size, max_prefill_tokens
+        self.mixed_budget = min(max_mixed_prefill_tokens or max_prefill_tokens, max_prefill_tokens)
         self.session_len, self.chunked = session_len, chunked_prefill
         self.sessions = {}  # sid -> token history (as of the last finished request)
         self.shadow = {}  # sid -> token ids whose K/V the plans wrote, position by position
@@ -216,10 +218,11 @@ class Harness:
         assert all(n >= 1 for n in q)
         assert all(q[b] == 1 for b in range(plan.num_decode)), 'decode rows must come first'
         prefill_tokens = T - plan.num_decode
+        budget = self.mixed_budget if plan.num_decode else self.budget
         if self.chunked:
-            assert prefill_tokens <= self.budget
+            assert prefill_tokens <= budget
         elif B > plan.num_decode:
-            assert prefill_tokens <= self.budget or B - plan.num_decode == 1
+            assert prefill_tokens <= budget or B - plan.num_decode == 1
         assert plan.max_q_len == max(q, default=0) and plan.max_kv_len == max(kv, default=0)
         sample_idx, sample_h = plan.sample_idx.tolist(), plan.sample_handles.tolist()
         logits_idx, logits_h = plan.logits_idx.tolist(), plan.logits_handles.tolist()
@@ -551,6 +554,30 @@ def test_chunked_prefill_budget_and_decode_first():
     h.run_until_idle()
 
 
+def test_mixed_prefill_budget_applies_beside_decode_rows_only():
+    """A prompt arriving while a session decodes is prefilled within the smaller mixed budget;
+    alone, a prompt takes the whole max_prefill_tokens."""
+    h = Harness(max_prefill_tokens=12, max_mixed_prefill_tokens=5, num_blocks=200, session_len=120)
+    assert h.s.max_mixed_prefill_tokens == 5
+    sid = next(s for s in range(1000) if all(fake_token(s, p) != END_ID for p in range(30, 60)))
+    h.submit(sid, [7] * 30, out_len=20)
+    plan = h.step()
+    assert plan.num_decode == 0 and plan.num_prefill_tokens == 12  # alone: the full budget
+    while h.s.session_info(sid)['num_cached'] < 30:
+        h.step()
+    h.submit(sid + 1, [9] * 23, out_len=2)
+    chunks = []
+    for _ in range(6):
+        plan = h.step()
+        assert plan.num_decode >= 1  # the first session keeps decoding
+        if plan.batch_size > plan.num_decode:
+            chunks.append(int(np.diff(plan.cu_seqlens)[plan.num_decode]))
+    assert chunks[:5] == [5, 5, 5, 5, 3]
+    h.run_until_idle()
+    with pytest.raises(ValueError, match='max_mixed_prefill_tokens'):
+        Scheduler(8, 4, 2, 8, 32, VOCAB, max_mixed_prefill_tokens=-1)
+
+
 @pytest.mark.parametrize('chunked', [True, False])
 def test_chunked_and_whole_prefill_give_same_tokens(chunked):
     outs = {}
@@ -858,11 +885,11 @@ def test_pipelined_multi_turn_sessions_equal_synchronous():
 
 
 def random_stream(seed, num_ops, num_blocks, max_batch_size, budget, chunked=True, session_len=64,
-                  pipelined=False, admit_horizon=32):
+                  pipelined=False, admit_horizon=32, mixed_budget=0):
     rng = random.Random(seed)
     h = Harness(num_blocks=num_blocks, block_size=4, max_batch_size=max_batch_size, max_prefill_tokens=budget,
                 session_len=session_len, chunked_prefill=chunked, pipelined=pipelined,
-                admit_horizon=admit_horizon)
+                admit_horizon=admit_horizon, max_mixed_prefill_tokens=mixed_budget)
     ids_pool = list(range(12))
     for _ in range(num_ops):
         op = rng.random()
@@ -907,6 +934,14 @@ def test_random_stream_tiny_pool_forces_eviction_and_preemption(seed, admit_hori
     assert h.s.num_evictions() > 0
     if admit_horizon < 0:  # greedy admission; with the pool check preemption is rarer
         assert h.s.num_preemptions() > 0
+
+
+@pytest.mark.parametrize('seed', range(2))
+@pytest.mark.parametrize('pipelined', [False, True])
+def test_random_stream_mixed_prefill_budget(seed, pipelined):
+    h = random_stream(600 + seed, 2000, num_blocks=48, max_batch_size=6, budget=16, mixed_budget=5,
+                      pipelined=pipelined)
+    assert h.steps > 300
 
 
 @pytest.mark.parametrize('seed', range(2))

@@ -407,7 +407,8 @@ void bind_scheduler(py::module_& m)
                          int start_id,
                          int end_id,
                          bool chunked_prefill,
-                         int admit_horizon) {
+                         int admit_horizon,
+                         int max_mixed_prefill_tokens) {
                  SchedulerConfig c;
                  c.num_blocks         = num_blocks;
                  c.block_size         = block_size;
@@ -419,6 +420,7 @@ void bind_scheduler(py::module_& m)
                  c.end_id             = end_id;
                  c.chunked_prefill    = chunked_prefill;
                  c.admit_horizon      = admit_horizon;
+                 c.max_mixed_prefill_tokens = max_mixed_prefill_tokens;
                  return std::make_unique<Scheduler>(c);
              }),
              "num_blocks"_a,
@@ -430,7 +432,8 @@ void bind_scheduler(py::module_& m)
              "start_id"_a        = 1,
              "end_id"_a          = 2,
              "chunked_prefill"_a = true,
-             "admit_horizon"_a   = 32)
+             "admit_horizon"_a   = 32,
+             "max_mixed_prefill_tokens"_a = 0)
         .def(
             "submit",
             [](Scheduler& self,
@@ -550,6 +553,8 @@ void bind_scheduler(py::module_& m)
         .def_property_readonly("num_blocks", [](const Scheduler& s) { return s.config().num_blocks; })
         .def_property_readonly("max_batch_size", [](const Scheduler& s) { return s.config().max_batch_size; })
         .def_property_readonly("max_prefill_tokens", [](const Scheduler& s) { return s.config().max_prefill_tokens; })
+        .def_property_readonly("max_mixed_prefill_tokens",
+                               [](const Scheduler& s) { return s.config().max_mixed_prefill_tokens; })
         .def_property_readonly("session_len", [](const Scheduler& s) { return s.config().session_len; })
         .def_property_readonly("vocab_size", [](const Scheduler& s) { return s.config().vocab_size; })
         .def_property_readonly("max_step_tokens", [](const Scheduler& s) {

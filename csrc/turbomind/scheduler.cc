@@ -24,6 +24,7 @@ Scheduler::Scheduler(const SchedulerConfig& cfg): cfg_(cfg), blocks_(cfg.num_blo
     };
     need(cfg.max_batch_size >= 1, "max_batch_size must be >= 1");
     need(cfg.max_prefill_tokens >= 1, "max_prefill_tokens must be >= 1");
+    need(cfg.max_mixed_prefill_tokens >= 0, "max_mixed_prefill_tokens must be >= 0");
     need(cfg.session_len >= 2, "session_len must be >= 2");
     need(cfg.vocab_size >= 1, "vocab_size must be >= 1");
     need(cfg.start_id >= 0 && cfg.start_id < cfg.vocab_size, "start_id must be in [0, vocab_size)");
@@ -569,9 +570,12 @@ const Plan& Scheduler::schedule(bool ahead)
         }
     }
 
-    // 3. Prefill rows, oldest first, within the token budget. A request with a pending token
-    // only ever gets a decode row.
+    // 3. Prefill rows, oldest first, within the token budget (a smaller one beside decode
+    // rows, when set). A request with a pending token only ever gets a decode row.
     int64_t budget = cfg_.max_prefill_tokens;
+    if (!decode_rows_.empty() && cfg_.max_mixed_prefill_tokens > 0) {
+        budget = std::min<int64_t>(budget, cfg_.max_mixed_prefill_tokens);
+    }
     int64_t used   = 0;
     for (size_t i = 0; i < running_.size() && budget > 0; ++i) {
         Request* r = running_[i];

@@ -40,9 +40,11 @@
 //      truncation, appends the input, inserts start_id when history and input are both empty;
 //   2. decode rows first: every running request with exactly one token (committed or pending)
 //      without KV that samples (oldest first), one token each;
-//   3. then prefill rows, oldest first, within `max_prefill_tokens` tokens per step; with
-//      chunked prefill a prompt is split over steps and its row samples only in the step that
-//      completes it;
+//   3. then prefill rows, oldest first, within `max_prefill_tokens` tokens per step (within
+//      `max_mixed_prefill_tokens` when the step has decode rows and that is set: a prompt that
+//      arrives while others decode then lengthens their next token by at most that many
+//      tokens' work); with chunked prefill a prompt is split over steps and its row samples
+//      only in the step that completes it;
 //   blocks: when the pool is short, idle sessions are evicted LRU-first; then the most recently
 //   admitted running request that is in no plan (this one or an outstanding one) is preempted
 //   (its blocks freed, its tokens kept, re-queued at the head to re-prefill later); a prefill
@@ -75,6 +77,7 @@ struct SchedulerConfig {
     int  block_size         = 64;
     int  max_batch_size     = 64;
     int  max_prefill_tokens = 8192;  // prefill tokens per step (decode rows come on top)
+    int  max_mixed_prefill_tokens = 0;  // ... of a step with decode rows (0: max_prefill_tokens)
     int  session_len        = 2048;
     int  vocab_size         = 32000;
     int  start_id           = 1;

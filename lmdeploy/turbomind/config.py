@@ -23,6 +23,10 @@ Engine keys that v0.0.2 did not have:
 * ``device``: 'cpu', 'cuda' or 'cuda:N'; default cuda when available, else cpu;
 * ``rope_theta``: rotary base (deploy writes it only when it is not 10000);
 * ``chunked_prefill``: split long prompts over steps within ``max_prefill_tokens`` (default on).
+* ``max_mixed_prefill_tokens``: the prefill budget of a step that also decodes (0, the
+  default: ``max_prefill_tokens``). A prompt that arrives while others decode lengthens their
+  next token by its prefill; this bounds that (inter-token latency p99) at the cost of more
+  steps for a long prompt that arrives meanwhile. api_server sets 512 unless the file has it.
 * ``cuda_graph``: replay steps from CUDA graphs (cuda_graph.py): decode-only steps per
   batch-size bucket, lone prompts per token bucket up to 512, and mixed steps (prompts joining
   decoding rows, and lone prompts of 513..1024 tokens) per token bucket up to 1024, and the
@@ -53,7 +57,7 @@ import math
 import os
 import os.path as osp
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 DTYPES = ('fp32', 'fp16', 'bf16')
 KV_INT8_SCALES = ('per_tensor', 'per_head', 'online')
@@ -95,6 +99,7 @@ class EngineConfig:
     # --- engine keys of this engine ---
     block_size: int = 64
     max_prefill_tokens: int = 0  # 0 -> derived from max_context_token_num
+    max_mixed_prefill_tokens: int = 0  # prefill budget of a step with decode rows; 0: the above
     num_blocks: int = 0  # 0 -> memory plan
     dtype: str = ''  # '' -> fp16 on cuda, fp32 on cpu
     device: str = ''  # '' -> cuda if available else cpu
@@ -135,9 +140,11 @@ class EngineConfig:
     # Construction
 
     @classmethod
-    def from_workspace(cls, path: str, **overrides) -> 'EngineConfig':
-        """Read the config.ini of a workspace (see the module docstring), apply `overrides`
-        (config keys, e.g. ``max_batch_size=8``) and validate."""
+    def from_workspace(cls, path: str, defaults: Optional[Dict[str, Any]] = None,
+                       **overrides) -> 'EngineConfig':
+        """Read the config.ini of a workspace (see the module docstring), take `defaults` for
+        keys it lacks (a caller's own defaults, e.g. the server's), apply `overrides` (config
+        keys, e.g. ``max_batch_size=8``) and validate."""
         ini = find_config_ini(path)
         parser = configparser.ConfigParser()
         try:
@@ -148,7 +155,7 @@ class EngineConfig:
         section = 'turbomind' if parser.has_section('turbomind') else 'llama'
         if not parser.has_section(section):
             raise ConfigError(f'{ini} has no [llama] (or [turbomind]) section')
-        values = dict(parser.items(section))
+        values = {**(defaults or {}), **dict(parser.items(section))}
         values.setdefault('weight_dir', osp.dirname(osp.abspath(ini)))
         return cls.from_dict(values, source=f'{ini} [{section}]', **overrides)
 
@@ -215,6 +222,9 @@ class EngineConfig:
                               f'{self.cache_max_entry_count}')
         if self.num_blocks < 0:
             raise ConfigError(f'num_blocks must be >= 0 (0 = memory plan), got {self.num_blocks}')
+        if self.max_mixed_prefill_tokens < 0:
+            raise ConfigError(f'max_mixed_prefill_tokens must be >= 0 (0 = max_prefill_tokens), '
+                              f'got {self.max_mixed_prefill_tokens}')
         if self.head_num % self.kv_head_num:
             raise ConfigError(f'head_num {self.head_num} is not divisible by kv_head_num '
                               f'{self.kv_head_num}')

@@ -48,11 +48,12 @@ SHAPES: Dict[str, dict] = {
 }
 
 
-def dummy_config(name: str, **overrides) -> EngineConfig:
-    """EngineConfig of the named shape; `overrides` are any EngineConfig keys."""
+def dummy_config(name: str, defaults: Optional[dict] = None, **overrides) -> EngineConfig:
+    """EngineConfig of the named shape; `defaults` and `overrides` are EngineConfig keys (as
+    in `EngineConfig.from_workspace`: the shape's own values win over `defaults`)."""
     if name not in SHAPES:
         raise ValueError(f'unknown dummy shape {name!r}; known: {", ".join(SHAPES)}')
-    values = dict(SHAPES[name])
+    values = {**(defaults or {}), **SHAPES[name]}
     values['weight_dir'] = ''
     # No workspace, so no v0.0.2 session count to honour: the KV pool takes 90% of free memory.
     values.setdefault('cache_max_entry_count', 0.9)

@@ -55,6 +55,8 @@ class TurboMind:
         dummy: instead of a workspace, a named shape from `dummy.SHAPES` ('llama2-7b',
             'llama3-8b', 'llama2-13b', 'tiny') with random weights made on the device (no
             tokenizer); model_path is then ignored (pass None).
+        config_defaults: EngineConfig keys for what the workspace's config.ini (or the dummy
+            shape) does not set, e.g. api_server's max_mixed_prefill_tokens.
         **config_overrides: any EngineConfig key (max_batch_size, session_len, block_size,
             num_blocks, cache_max_entry_count, max_prefill_tokens, dtype, device, cuda_graph,
             ...).
@@ -62,19 +64,21 @@ class TurboMind:
 
     def __init__(self, model_path: Optional[str] = None, tp: int = 1,
                  eos_id: Optional[int] = None, data_type: Optional[str] = None,
-                 dummy: Optional[str] = None, **config_overrides):
+                 dummy: Optional[str] = None, config_defaults: Optional[dict] = None,
+                 **config_overrides):
         if data_type is not None:
             config_overrides.setdefault('dtype', {'half': 'fp16'}.get(data_type, data_type))
         weights_init = None
         if dummy is not None:
             from .dummy import dummy_config, dummy_weights
-            self.config = cfg = dummy_config(dummy, **config_overrides)
+            self.config = cfg = dummy_config(dummy, config_defaults, **config_overrides)
             weights_init = dummy_weights
             model_path = model_path or f'dummy:{dummy}'
         elif model_path is None:
             raise ValueError('TurboMind needs a workspace path (or dummy=<shape>)')
         else:
-            self.config = cfg = EngineConfig.from_workspace(model_path, **config_overrides)
+            self.config = cfg = EngineConfig.from_workspace(model_path, config_defaults,
+                                                            **config_overrides)
         self.model_path = model_path
         self.model_name = cfg.model_name
         self.session_len = cfg.session_len

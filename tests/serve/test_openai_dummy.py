@@ -26,6 +26,7 @@ def server():
     stop_server(proc)
     out = proc.stdout.read()
     assert 'Traceback' not in out, out
+    assert '(512 beside decoding)' in out  # the server's default reached the scheduler
     # --engine_timing: the step phases and where each first token spent its time, per stage
     timing = json.loads(next(line for line in out.splitlines()
                              if line.startswith('engine_timing: '))[len('engine_timing: '):])
@@ -80,7 +81,8 @@ def test_cli_help_and_one_line_errors():
     for flag in ('--dummy', '--server_name', '--server_port', '--tp', '--api_keys',
                  '--max_waiting', '--model_name', '--instance_num', '--max_batch_size',
                  '--session_len', '--cache_max_entry_count', '--num_blocks', '--block_size',
-                 '--max_prefill_tokens', '--quant_policy', '--dtype', '--device', '--log_level'):
+                 '--max_prefill_tokens', '--max_mixed_prefill_tokens', '--quant_policy',
+                 '--dtype', '--device', '--log_level'):
         assert flag in help_text, flag
     both = subprocess.run(run + ['./ws', '--dummy', 'tiny'], cwd=ROOT, capture_output=True,
                           text=True)
@@ -176,3 +178,4 @@ def test_tensor_parallel_server_gives_the_same_tokens(reference):
         stop_server(proc)
     out = proc.stdout.read()
     assert 'Traceback' not in out, out
+    assert '(512 beside decoding)' in out  # the server's default reached the scheduler

@@ -54,6 +54,17 @@ def test_overrides_and_derivations(tmp_path):
     assert EngineConfig.from_workspace(tmp_path).kv_head_num == 4  # absent/0 -> head_num
 
 
+def test_caller_defaults_yield_to_the_file_and_to_overrides(tmp_path):
+    defaults = {'max_mixed_prefill_tokens': 512}
+    write_ini(tmp_path / 'config.ini', {'llama': MODEL})
+    assert EngineConfig.from_workspace(tmp_path).max_mixed_prefill_tokens == 0  # engine default
+    assert EngineConfig.from_workspace(tmp_path, defaults).max_mixed_prefill_tokens == 512
+    cfg = EngineConfig.from_workspace(tmp_path, defaults, max_mixed_prefill_tokens=64)
+    assert cfg.max_mixed_prefill_tokens == 64
+    write_ini(tmp_path / 'config.ini', {'llama': {**MODEL, 'max_mixed_prefill_tokens': 0}})
+    assert EngineConfig.from_workspace(tmp_path, defaults).max_mixed_prefill_tokens == 0
+
+
 @pytest.mark.parametrize('overrides,match', [
     (dict(max_batchsize=3), 'unknown engine config key'),
     (dict(block_size=0), 'block_size must be positive'),
@@ -68,6 +79,7 @@ def test_overrides_and_derivations(tmp_path):
     (dict(device='tpu'), 'device'),
     (dict(end_id=5000), 'end_id'),
     (dict(norm_eps=0), 'norm_eps'),
+    (dict(max_mixed_prefill_tokens=-1), 'max_mixed_prefill_tokens must be >= 0'),
 ])
 def test_bad_values_fail_clearly(tmp_path, overrides, match):
     write_ini(tmp_path / 'config.ini', {'llama': MODEL})

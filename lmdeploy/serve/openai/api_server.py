@@ -23,8 +23,13 @@ from .app import create_app  # noqa: F401 - the public entry of the package
 from .engine_client import DEFAULT_MAX_WAITING
 
 ENGINE_KEYS = ('max_batch_size', 'session_len', 'cache_max_entry_count', 'num_blocks',
-               'block_size', 'max_prefill_tokens', 'quant_policy', 'dtype', 'device',
-               'jit_schedule')
+               'block_size', 'max_prefill_tokens', 'max_mixed_prefill_tokens', 'quant_policy',
+               'dtype', 'device', 'jit_schedule')
+# What the server sets unless the workspace's config.ini (or the command line) does: a prompt
+# arriving while others decode is prefilled 512 tokens per step, so their next token waits at
+# most that much prefill (B4 on the H100, rate 4: inter-token latency p99 12.4 -> 11.5 ms on
+# average over two runs, first-token p50 no worse; benchmark/NOTES.md, session 11).
+SERVER_DEFAULTS = {'max_mixed_prefill_tokens': 512}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument('--block_size', type=int, default=None, help='tokens per KV block')
     g.add_argument('--max_prefill_tokens', type=int, default=None,
                    help='token budget of one step\'s prefill chunks')
+    g.add_argument('--max_mixed_prefill_tokens', type=int, default=None,
+                   help='prefill budget of a step that also decodes, bounding how much a new '
+                        'prompt delays the running requests\' next token (default: '
+                        f'{SERVER_DEFAULTS["max_mixed_prefill_tokens"]} unless config.ini sets '
+                        'it; 0: max_prefill_tokens)')
     g.add_argument('--quant_policy', type=int, default=None, choices=(0, 4),
                    help='4: int8 KV cache')
     g.add_argument('--dtype', default=None, choices=('fp16', 'bf16', 'fp32'),
@@ -99,7 +109,8 @@ def main(argv=None):
     if args.instance_num is not None:
         overrides.setdefault('max_batch_size', args.instance_num)
     try:
-        tm = TurboMind(args.model_path, tp=args.tp, dummy=args.dummy, **overrides)
+        tm = TurboMind(args.model_path, tp=args.tp, dummy=args.dummy,
+                       config_defaults=SERVER_DEFAULTS, **overrides)
     except Exception as e:  # noqa: BLE001 - a one-line error for the user
         print(f'error: {" ".join(str(e).split()) or type(e).__name__}', file=sys.stderr)
         sys.exit(1)
@@ -115,11 +126,14 @@ def main(argv=None):
         tm.close()
         print(f'error: {" ".join(str(e).split()) or type(e).__name__}', file=sys.stderr)
         sys.exit(1)
+    scheduler = tm.engine.scheduler
+    mixed = scheduler.max_mixed_prefill_tokens or scheduler.max_prefill_tokens
     print(f'serving {app.state.server.model_name!r} on http://{args.server_name}:'
           f'{args.server_port} (max_batch_size {tm.config.max_batch_size}, max_waiting '
-          f'{args.max_waiting}, session_len {tm.session_len}, auth '
-          f'{"on" if args.api_keys else "off"}{", dummy weights" if args.dummy else ""})',
-          flush=True)
+          f'{args.max_waiting}, session_len {tm.session_len}, prefill tokens per step '
+          f'{scheduler.max_prefill_tokens} ({min(mixed, scheduler.max_prefill_tokens)} beside '
+          f'decoding), auth {"on" if args.api_keys else "off"}'
+          f'{", dummy weights" if args.dummy else ""})', flush=True)
     uvicorn.run(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
                 timeout_keep_alive=30)
 
