@@ -26,9 +26,11 @@ ENGINE_KEYS = ('max_batch_size', 'session_len', 'cache_max_entry_count', 'num_bl
                'block_size', 'max_prefill_tokens', 'max_mixed_prefill_tokens', 'quant_policy',
                'dtype', 'device', 'jit_schedule')
 # What the server sets unless the workspace's config.ini (or the command line) does: a prompt
-# arriving while others decode is prefilled 512 tokens per step, so their next token waits at
-# most that much prefill (B4 on the H100, rate 4: inter-token latency p99 12.4 -> 11.5 ms on
-# average over two runs, first-token p50 no worse; benchmark/NOTES.md, session 11).
+# arriving while others decode is prefilled 512 tokens per step, so their next token waits for
+# at most that much prefill (~15 ms for a 7B model on the H100) instead of the whole prompt's
+# (a 2,048-token prompt alone takes ~45 ms). B4 on the H100 (benchmark/NOTES.md, session 11): the longest step
+# 22 -> 15 ms, inter-token p99 within the run-to-run spread, first-token p99 +2-4 ms (prompts
+# over 512 tokens take two steps).
 SERVER_DEFAULTS = {'max_mixed_prefill_tokens': 512}
 
 
