@@ -12,8 +12,8 @@ is only a model, printed apart and labelled so: per step, the weights once (`--w
 every row's KV at `--kv_tb_s`, and 2 x params FLOPs per prefill token at `--prefill_tflops`
 (defaults: Llama-2-7B fp16 on the H100 as benchmark/NOTES.md measured them); "tail" is the
 part after the last request was submitted, when the batch drains. It compares
-scheduling policies (`--admit_horizon`, `--max_prefill_tokens`, the pool size) in seconds,
-before spending GPU time on them.
+scheduling policies (`--admit_horizon`, `--max_prefill_tokens`, `--max_mixed_prefill_tokens`,
+the pool size) in seconds, before spending GPU time on them.
 
 The default pool, 1812 blocks of 64 tokens (~116k tokens), is what `profile_throughput.py
 --dummy llama2-7b --cache_max_entry_count 0.9` gets on an H100 80GB.
@@ -35,12 +35,13 @@ PARAMS = 6.74e9
 
 def replay(requests, concurrency, num_blocks, block_size, max_batch_size, max_prefill_tokens,
            admit_horizon, session_len, weights_ms, kv_tb_s, prefill_tflops,
-           kv_bytes=KV_BYTES_PER_TOKEN):
+           kv_bytes=KV_BYTES_PER_TOKEN, max_mixed_prefill_tokens=0):
     from lmdeploy.turbomind import _turbomind
     s = _turbomind.Scheduler(num_blocks=num_blocks, block_size=block_size,
                              max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
                              session_len=session_len, vocab_size=32000,
-                             admit_horizon=admit_horizon)
+                             admit_horizon=admit_horizon,
+                             max_mixed_prefill_tokens=max_mixed_prefill_tokens)
     live, nxt = set(), 0
     rows, prefill, kv_read, model_s = [], 0, 0, 0.0
     queued_until, queued_s = 0, 0.0  # steps (and model time) while requests were still queued
@@ -100,6 +101,9 @@ def main(argv=None):
     p.add_argument('--max_prefill_tokens', type=int, default=65536,
                    help="one step's prefill token budget (default: %(default)s, the engine's at "
                         'max_batch_size 256 and session_len 4096)')
+    p.add_argument('--max_mixed_prefill_tokens', type=int, default=0,
+                   help='the prefill budget of a step that also decodes (default: %(default)s, '
+                        "none beyond --max_prefill_tokens; api_server's default is 512)")
     p.add_argument('--session_len', type=int, default=4096, help='(default: %(default)s)')
     p.add_argument('--admit_horizon', default='-1,32',
                    help='comma-separated admit_horizon values to replay, one row each; -1 admits '
@@ -117,9 +121,9 @@ def main(argv=None):
     except ValueError:
         p.error(f'--admit_horizon takes comma-separated integers, got {args.admit_horizon!r}')
     if min(args.num_prompts, args.concurrency, args.num_blocks, args.block_size,
-           args.max_batch_size, args.max_prefill_tokens) < 1:
+           args.max_batch_size, args.max_prefill_tokens) < 1 or args.max_mixed_prefill_tokens < 0:
         p.error('--num_prompts, --concurrency, --num_blocks, --block_size, --max_batch_size and '
-                '--max_prefill_tokens must be >= 1')
+                '--max_prefill_tokens must be >= 1, --max_mixed_prefill_tokens >= 0')
     if args.static:
         try:
             c, n_in, n_out = (int(v) for v in args.static.split(':'))
@@ -133,14 +137,16 @@ def main(argv=None):
     kind = f'static {args.static}' if args.static else 'synthetic'
     print(f'{args.num_prompts} {kind} requests at concurrency {args.concurrency}, pool '
           f'{args.num_blocks} x {args.block_size} tokens, max_batch_size {args.max_batch_size}, '
-          f'max_prefill_tokens {args.max_prefill_tokens}')
+          f'max_prefill_tokens {args.max_prefill_tokens} '
+          f'({args.max_mixed_prefill_tokens or args.max_prefill_tokens} beside decoding)')
     print('| admit_horizon | steps | rows/step | rows/step (queue full) | preemptions | '
           'prefill tokens | recomputed | model s (tail) | model req/s |')
     print('|---|---|---|---|---|---|---|---|---|')
     for h in horizons:
         r = replay(requests, args.concurrency, args.num_blocks, args.block_size,
                    args.max_batch_size, args.max_prefill_tokens, h, args.session_len,
-                   args.weights_ms, args.kv_tb_s, args.prefill_tflops, args.kv_bytes)
+                   args.weights_ms, args.kv_tb_s, args.prefill_tflops, args.kv_bytes,
+                   args.max_mixed_prefill_tokens)
         results.append(r)
         print(f"| {h} | {r['steps']} | {r['rows_per_step']:.0f} | "
               f"{r['rows_per_step_while_queued']:.0f} | {r['preemptions']} | "

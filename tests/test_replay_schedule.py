@@ -33,3 +33,19 @@ def test_static_rows_replay_as_one_batch(tmp_path):
     assert greedy['prompt_tokens'] == checked['prompt_tokens'] == 16 * 40
     assert 0 <= checked['recomputed_tokens'] < greedy['recomputed_tokens']
     assert checked['preemptions'] < greedy['preemptions']
+
+
+def test_mixed_prefill_budget_spreads_prompts_over_more_steps(tmp_path):
+    rows = {}
+    for budget in (0, 16):
+        out = tmp_path / f'mixed{budget}.json'
+        replay_schedule.main(['--num_prompts', '100', '--concurrency', '32', '--max_batch_size',
+                              '32', '--admit_horizon', '32', '--max_mixed_prefill_tokens',
+                              str(budget), '--out', str(out)])
+        (rows[budget],) = json.loads(out.read_text())['rows']
+    free, bounded = rows[0], rows[16]
+    assert free['requests'] == bounded['requests'] == 100
+    assert bounded['steps'] > free['steps']  # prompts beside decoding rows go 16 tokens a step
+    # every prompt token is computed once either way; a chunk that leaves one token of a
+    # prompt lets it ride as a decode row (counted as decode, not prefill): at most one a prompt
+    assert free['recomputed_tokens'] == 0 and -100 <= bounded['recomputed_tokens'] <= 0
