@@ -28,9 +28,9 @@ ENGINE_KEYS = ('max_batch_size', 'session_len', 'cache_max_entry_count', 'num_bl
 # What the server sets unless the workspace's config.ini (or the command line) does: a prompt
 # arriving while others decode is prefilled 512 tokens per step, so their next token waits for
 # at most that much prefill (~15 ms for a 7B model on the H100) instead of the whole prompt's
-# (a 2,048-token prompt alone takes ~45 ms). B4 on the H100 (benchmark/NOTES.md, session 11): the longest step
-# 22 -> 15 ms, inter-token p99 within the run-to-run spread, first-token p99 +2-4 ms (prompts
-# over 512 tokens take two steps).
+# (a 2,048-token prompt alone takes ~45 ms). B4 on the H100 (benchmark/NOTES.md, session 11):
+# the longest step 22 -> 15 ms, inter-token p99 within the run-to-run spread, first-token p99
+# +2-4 ms (prompts over 512 tokens take two steps).
 SERVER_DEFAULTS = {'max_mixed_prefill_tokens': 512}
 
 
