@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -263,7 +264,7 @@ def _check_stream(tok, ids, chunks):
 
 @pytest.mark.parametrize('text', TEXTS)
 def test_detokenizer_every_cut_and_chunking(tok, text):
-    rng = random.Random(hash(text) & 0xFFFF)
+    rng = random.Random(zlib.crc32(text.encode()))  # the same chunks every run
     ids = tok.encode(text)
     for cut in range(len(ids) + 1):
         for part in (ids[:cut], ids[cut:]):

@@ -418,9 +418,9 @@ def test_sample_tokens(V, S):
     (temperatures, greedy rows, bad words): a valid inverse-CDF answer for each row against an
     fp64 CDF (fp32 sums in another order may move a draw near a boundary to the next id), and
     mostly the reference's id on peaked logits (like a model's); flat ones check the CDF only."""
-    from lmdeploy.turbomind.kernels.sample import ban_tokens, sample_tokens_ref
+    from lmdeploy.turbomind.kernels.sample import sample_tokens_ref
     from lmdeploy.turbomind.kernels.triton_sample import sample_tokens_triton
-    from lmdeploy.turbomind.sampling import random_uniform
+    from tests.turbomind.draw_oracle import valid_draws
     g = gen(V + S)
     for spread in (8.0, 1.0):
         x = torch.randn(S, V, device=DEV, generator=g) * spread
@@ -433,22 +433,11 @@ def test_sample_tokens(V, S):
         greedy = temp == 0
         keys = torch.randint(-2 ** 63, 2 ** 63 - 1, (S,), device=DEV, generator=g)
         counters = torch.randint(0, 2 ** 40, (S,), device=DEV, generator=g)
-        u = random_uniform(keys, counters)
         for b, t, gr in ((bad, temp, greedy), (None, None, None)):
             got = sample_tokens_triton(x, b, t, gr, keys, counters)
             want = sample_tokens_ref(x, b, t, gr, keys, counters)
-            xb = x.double() if b is None else ban_tokens(x, b).double()
-            if t is not None:
-                xb = xb / torch.where(gr, torch.ones_like(t), t).double()[:, None]
-            cdf = torch.softmax(xb, dim=1).cumsum(dim=1)
-            target = u.double() * cdf[:, -1]
-            rows = torch.arange(S, device=DEV)
-            before = torch.where(got > 0, cdf[rows, (got - 1).clamp(min=0)],
-                                 torch.zeros_like(target))
-            drawn = ~gr if gr is not None else torch.ones_like(u, dtype=torch.bool)
-            ok = (cdf[rows, got] >= target - 1e-5) & (before <= target + 1e-5)
-            assert bool(ok[drawn].all()), f'rows {rows[drawn & ~ok].tolist()} off their CDF'
-            assert torch.equal(got[~drawn], xb.argmax(dim=1)[~drawn])
+            ok = valid_draws(x, b, t, gr, keys, counters, got)
+            assert bool(ok.all()), f'rows {ok.logical_not().nonzero().flatten().tolist()} wrong'
             if spread > 1:  # peaked rows: ids far apart in probability mass
                 assert float((got == want).float().mean()) >= 0.9
             if b is not None:

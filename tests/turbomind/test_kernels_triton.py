@@ -11,6 +11,7 @@ wrongly, so attention is checked in fp32 and fp16 only; the element-wise kernels
 """
 import importlib
 import sys
+import zlib
 
 import pytest
 
@@ -227,6 +228,7 @@ def run_case(name):
     from lmdeploy.turbomind.kernels import (activation, paged_attention, prompt_attention,
                                             rms_norm, rotary, rotary_store_kv, sample, store_kv)
     from lmdeploy.turbomind.step_input import RowPlan, build_step_input
+    from tests.turbomind.draw_oracle import valid_draws
 
     class K:  # every op's reference and Triton kernel
         pass
@@ -238,7 +240,7 @@ def run_case(name):
 
     p = CASES[name]
     dtype = getattr(torch, p['dtype'])
-    g = torch.Generator().manual_seed(hash(name) % (2 ** 31))
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # the same data every run
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
@@ -326,10 +328,13 @@ def run_case(name):
                 'draw': (x, bad, temp, greedy, keys, counters),
                 'draw-plain': (x, None, None, None, keys, counters)}[mode]
         got, want = K.sample_tokens_triton(*args), K.sample_tokens_ref(*args)
-        ok = got.dtype == torch.int64 and torch.equal(got, want)
+        wrong = got != want
+        if mode.startswith('draw'):  # fp32 sums in another order: a draw at a boundary may move
+            wrong &= ~valid_draws(*args, got)
+        ok = got.dtype == torch.int64 and not bool(wrong.any())
         if mode in ('banned', 'draw'):
             ok = ok and int(got[1]) != int(bad[1, 0])
-        err = 0.0 if ok else float((got != want).sum())
+        err = float(wrong.sum())
     elif op == 'attn':
         D, hq, hkv, page = p['D'], p['hq'], p['hkv'], p['page']
         rows = p['rows']

@@ -12,6 +12,7 @@ dtype (bf16: 2^-7, the interpreter truncates) plus fp32 accumulation, ~sqrt(K) 2
 """
 import math
 import sys
+import zlib
 
 import pytest
 
@@ -64,7 +65,7 @@ def run_case(name):
 
     p = CASES[name]
     dtype = getattr(torch, p['dtype'])
-    g = torch.Generator().manual_seed(hash(name) % (2 ** 31))
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))  # the same data every run
     M, K, N = p['M'], p['K'], p['N']
     cfg = tlin.Cfg(*p['cfg']) if p.get('cfg') else None
     if p.get('x3d'):  # [2, M/2, K] with a padded row stride
