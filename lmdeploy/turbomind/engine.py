@@ -286,7 +286,7 @@ class Engine:
             session_len=cfg.session_len, vocab_size=cfg.vocab_size, start_id=cfg.start_id,
             end_id=cfg.end_id, chunked_prefill=cfg.chunked_prefill,
             admit_horizon=cfg.admit_horizon,
-            max_mixed_prefill_tokens=getattr(cfg, 'max_mixed_prefill_tokens', 0))
+            max_mixed_prefill_tokens=cfg.max_mixed_prefill_tokens)
         # The runner's CUDA graphs of the sampler when it has them (CUDA with graphs on; they
         # return int32 tokens), else the eager sampler: the same tokens either way.
         sampler_graphs = getattr(runner, 'sampler_graphs', None)

@@ -128,13 +128,12 @@ def main(argv=None):
         tm.close()
         print(f'error: {" ".join(str(e).split()) or type(e).__name__}', file=sys.stderr)
         sys.exit(1)
-    scheduler = tm.engine.scheduler
-    mixed = scheduler.max_mixed_prefill_tokens or scheduler.max_prefill_tokens
+    budget = tm.engine.scheduler.max_prefill_tokens  # the scheduler's, as it applies them
+    mixed = min(tm.engine.scheduler.max_mixed_prefill_tokens or budget, budget)
     print(f'serving {app.state.server.model_name!r} on http://{args.server_name}:'
           f'{args.server_port} (max_batch_size {tm.config.max_batch_size}, max_waiting '
           f'{args.max_waiting}, session_len {tm.session_len}, prefill tokens per step '
-          f'{scheduler.max_prefill_tokens} ({min(mixed, scheduler.max_prefill_tokens)} beside '
-          f'decoding), auth {"on" if args.api_keys else "off"}'
+          f'{budget} ({mixed} beside decoding), auth {"on" if args.api_keys else "off"}'
           f'{", dummy weights" if args.dummy else ""})', flush=True)
     uvicorn.run(app, host=args.server_name, port=args.server_port, log_level=args.log_level,
                 timeout_keep_alive=30)
